@@ -1,0 +1,63 @@
+"""`python -m server`: the command line. Every option comes from `Settings` (see config.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ENV_PREFIX, Settings, UserError, from_env, parse_value, settings_fields
+
+log = logging.getLogger("server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="my-chatglm2: a local ChatGLM2-6B chat server. Every option can also be set as an "
+                    f"environment variable {ENV_PREFIX}<OPTION> (for example {ENV_PREFIX}PORT=5178).",
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "chat"),
+                        help="serve: the HTTP API (default); chat: chat in this terminal")
+    defaults = Settings()
+    for f in settings_fields():
+        default = getattr(defaults, f.name)
+        shown = "" if default is None else f" (default: {default})"
+        kwargs = {"help": f.metadata["help"] + shown, "dest": f.name, "default": None}
+        if "bool" in str(f.type):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = lambda raw, f=f: parse_value(f, raw)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def settings_from(args: argparse.Namespace, environ=None) -> Settings:
+    """Defaults, then environment variables, then command-line flags."""
+    changes = from_env(environ)
+    changes.update({f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name) is not None})
+    return Settings().replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # Chinese text on any console code page
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    try:
+        if args.command == "chat":
+            from .chat import run_chat
+
+            return run_chat(settings)
+        from .serve import run_server
+
+        return run_server(settings)
+    except UserError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,82 @@
+"""Settings: one definition that feeds the command line, environment variables and tests.
+
+Each field of `Settings` is an option. Its metadata carries the help text (and choices); `cli.py` turns every
+field into a `--flag`, and `from_env` reads `CHATGLM2_<FIELD>` variables, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "THUDM" / "chatglm2-6b"
+ENV_PREFIX = "CHATGLM2_"
+
+
+class UserError(Exception):
+    """An expected failure: its message (Chinese, then English) is shown to the person without a traceback."""
+
+
+def option(default, help: str, choices=None, env: str | None = None):
+    """A settings field with the help text the CLI shows; `env` names an extra standard variable."""
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+
+
+@dataclass
+class Settings:
+    model_dir: Path = option(DEFAULT_MODEL_DIR, "model folder in the hub layout of THUDM/chatglm2-6b")
+    profile: str = option(
+        "auto",
+        "VRAM profile: low = 4-bit (<= 8 GB cards), mid = 8-bit (~10-12 GB), high = 16-bit (>= 14 GB); "
+        "auto picks from the free memory of the device",
+        choices=("auto", "low", "mid", "high"),
+    )
+    quantize: int | None = option(
+        None, "weight precision in bits, overrides the profile (0 is a synonym of 16)", choices=(0, 4, 8, 16)
+    )
+    device: str = option("auto", "where the model runs; auto = CUDA when available, else CPU",
+                         choices=("auto", "cuda", "cpu"))
+    dtype: str = option(
+        "auto",
+        "compute dtype; auto = float16 on CUDA, bfloat16 on CPU; float32 gives the reference's exact logits",
+        choices=("auto", "float16", "bfloat16", "float32"),
+    )
+    max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's")
+    max_queue: int = option(8, "jobs that may wait for the model; more are refused as busy")
+    reply_reserve: int = option(512, "tokens kept free for the reply when old history rounds are dropped")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = option(5178, "TCP port to listen on")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def settings_fields():
+    return dataclasses.fields(Settings)
+
+
+def parse_value(f: dataclasses.Field, raw: str):
+    """Convert a string (from the CLI or the environment) to the field's type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "Path" in kind:
+        return Path(raw)
+    if "bool" in kind:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if "int" in kind:
+        return int(raw)
+    return raw
+
+
+def from_env(environ=None) -> dict:
+    """Settings given as CHATGLM2_<FIELD> (or a field's standard variable), as a dict of changes."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for f in settings_fields():
+        for name in (ENV_PREFIX + f.name.upper(), f.metadata.get("env")):
+            if name and environ.get(name, "") != "":
+                changes[f.name] = parse_value(f, environ[name])
+                break
+    return changes

@@ -1,0 +1,244 @@
+"""Convert a ChatGLM2 checkpoint (hub layout) into transformers' native GLM layout, once, cached as safetensors.
+
+The conversion is a name table plus one real transform (splitting the fused query_key_value). It runs shard by
+shard and tensor by tensor, so peak memory stays near one source shard. The result is written to a temporary
+folder and renamed when complete: an interrupted conversion is never loaded. A fingerprint of the source files
+decides when to convert again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
+CACHE_NAME = "converted"
+INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
+SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
+
+
+class ConversionError(Exception):
+    """The checkpoint cannot be converted; the message says why and what to do."""
+
+
+# -- config ----------------------------------------------------------------------------------------------------
+def glm_config(chatglm: dict) -> dict:
+    """The GlmConfig fields for a ChatGLM2 config.json."""
+    kv_channels = chatglm["kv_channels"]
+    return {
+        "model_type": "glm",
+        "architectures": ["GlmForCausalLM"],
+        "vocab_size": chatglm["padded_vocab_size"],
+        "hidden_size": chatglm["hidden_size"],
+        "intermediate_size": chatglm["ffn_hidden_size"],
+        "num_hidden_layers": chatglm["num_layers"],
+        "num_attention_heads": chatglm["num_attention_heads"],
+        "num_key_value_heads": chatglm["multi_query_group_num"] if chatglm.get("multi_query_attention", True)
+        else chatglm["num_attention_heads"],
+        "head_dim": kv_channels,
+        "rms_norm_eps": chatglm["layernorm_epsilon"],
+        "attention_bias": chatglm.get("add_qkv_bias", True),
+        "max_position_embeddings": chatglm["seq_length"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000 * chatglm.get("rope_ratio", 1),
+            "partial_rotary_factor": 0.5,
+        },
+        "hidden_act": "silu",
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+    }
+
+
+# -- tensor names ----------------------------------------------------------------------------------------------
+def split_qkv(name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
+    """query_key_value rows are q, then k, then v: split them into the three projections."""
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    # clone: safetensors refuses to save views that share one storage
+    q, k, v = (t.clone() for t in tensor.split([q_rows, kv_rows, kv_rows], dim=0))
+    kind = name.rsplit(".", 1)[1]  # weight or bias
+    prefix = name[: -len("query_key_value." + kind)]
+    return {f"{prefix}q_proj.{kind}": q, f"{prefix}k_proj.{kind}": k, f"{prefix}v_proj.{kind}": v}
+
+
+# ChatGLM2 name -> GLM name, None to drop, or a transform. Layer names are relative to the layer prefix.
+GLOBAL_NAMES: dict[str, str | None] = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+    "transformer.rotary_pos_emb.inv_freq": None,  # recomputed from the config
+}
+LAYER_NAMES: dict[str, str | Callable] = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.query_key_value.weight": split_qkv,
+    "self_attention.query_key_value.bias": split_qkv,
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",  # same [gate; up] row order
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+LAYER_PATTERN = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
+    if name in GLOBAL_NAMES:
+        target = GLOBAL_NAMES[name]
+        return {} if target is None else {target: tensor}
+    match = LAYER_PATTERN.fullmatch(name)
+    if not match or match.group(2) not in LAYER_NAMES:
+        hint = " (quantized checkpoints such as chatglm2-6b-int4 are not supported: use the float16 one)" \
+            if "weight_scale" in name else ""
+        raise ConversionError(f"unexpected tensor {name!r} in the checkpoint{hint}")
+    layer, rest = match.groups()
+    target = LAYER_NAMES[rest]
+    if callable(target):
+        return target(f"model.layers.{layer}.self_attn.{rest.split('.', 1)[1]}", tensor, config)
+    return {f"model.layers.{layer}.{target}": tensor}
+
+
+def expected_names(config: dict) -> set[str]:
+    """Every parameter name of the native model for this config, from a model on the meta device."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    with torch.device("meta"):
+        model = GlmForCausalLM(GlmConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
+    return set(model.state_dict())
+
+
+# -- source files ----------------------------------------------------------------------------------------------
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards an index names, or a single file."""
+    for index_name in INDEX_NAMES:
+        index = model_dir / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [model_dir / s for s in shards]
+    for single in SINGLE_NAMES:
+        if (model_dir / single).exists():
+            return [model_dir / single]
+    return []
+
+
+def missing_files(model_dir: Path) -> list[str]:
+    """Files the loader needs that the folder lacks (weights are listed by the index when there is one)."""
+    needed = ["config.json", "tokenizer.model"]
+    missing = [n for n in needed if not (model_dir / n).exists()]
+    files = weight_files(model_dir)
+    if not files:
+        missing.append(INDEX_NAMES[0] + " (or another weight index / single weight file)")
+    missing += [f.name for f in files if not f.exists()]
+    return missing
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one shard, one at a time; memory-mapped so the shard is not read into RAM at once."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def fingerprint(model_dir: Path) -> dict:
+    files = weight_files(model_dir) + [model_dir / "config.json"]
+    return {
+        "converter": CONVERTER_VERSION,
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+    }
+
+
+# -- the conversion --------------------------------------------------------------------------------------------
+def cache_dir(model_dir: Path) -> Path:
+    return model_dir / CACHE_NAME
+
+
+def is_current(model_dir: Path) -> bool:
+    stamp = cache_dir(model_dir) / "source.json"
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == fingerprint(model_dir)
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_converted(model_dir: Path) -> Path:
+    """The converted folder for `model_dir`, converting first when it is missing or stale."""
+    model_dir = Path(model_dir)
+    if not is_current(model_dir):
+        convert(model_dir)
+    return cache_dir(model_dir)
+
+
+def convert(model_dir: Path) -> Path:
+    missing = missing_files(model_dir)
+    if missing:
+        raise ConversionError(f"{model_dir} lacks {', '.join(missing)}")
+    chatglm = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = glm_config(chatglm)
+    files = weight_files(model_dir)
+    check_disk_space(model_dir, sum(f.stat().st_size for f in files))
+
+    target = cache_dir(model_dir)
+    tmp = model_dir / f".{CACHE_NAME}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log.info("converting %s to the native GLM layout in %s (once)", model_dir, target)
+    try:
+        weight_map = convert_shards(files, config, tmp)
+        missing_names = expected_names(config) - set(weight_map)
+        if missing_names:
+            raise ConversionError(f"the checkpoint lacks tensors: {', '.join(sorted(missing_names)[:5])}")
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        (tmp / "source.json").write_text(json.dumps(fingerprint(model_dir)), encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert_shards(files: list[Path], config: dict, out: Path) -> dict[str, str]:
+    """Write one output shard per source shard; return the weight map of the output."""
+    weight_map: dict[str, str] = {}
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="Converting") as bar:
+        for i, path in enumerate(files, start=1):
+            shard_name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            shard: dict[str, torch.Tensor] = {}
+            for name, tensor in read_tensors(path):
+                for new_name, new_tensor in convert_tensor(name, tensor, config).items():
+                    shard[new_name] = new_tensor.contiguous()
+                    weight_map[new_name] = shard_name
+            save_file(shard, str(out / shard_name), metadata={"format": "pt"})
+            del shard
+            bar.update(path.stat().st_size)
+    return weight_map
+
+
+def check_disk_space(model_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(model_dir).free
+    if free < needed * 1.05:
+        raise ConversionError(
+            f"not enough disk space to convert the model: need {needed / 1e9:.1f} GB in {model_dir}, "
+            f"{free / 1e9:.1f} GB free. Free some space and start again.")

@@ -1,0 +1,86 @@
+"""The decode loop as named steps: logits -> probabilities -> sample; prefill; decode one token; decode n tokens.
+
+Streaming and non-streaming callers share `generate_ids`, a generator that yields each new id as soon as it is
+sampled; whoever iterates it decides when to stop (eos, interrupt, stop strings) simply by stopping to iterate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import inspect
+
+import torch
+from transformers import DynamicCache, GlmForCausalLM
+
+# transformers renamed `past_key_values` to `cache` after 5.20 (the Python 3.10 bundle pins 5.20.x): use what
+# this version takes. The cache object is updated in place, so it is passed in and never read back from outputs.
+CACHE_ARG = "cache" if "cache" in inspect.signature(GlmForCausalLM.forward).parameters else "past_key_values"
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 0.7
+    seed: int | None = None
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[vocab] logits -> [vocab] probabilities after temperature and nucleus (top-p) filtering."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # drop a token when the tokens before it already reach top_p; the most likely always stays
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = logits_to_probs(logits, sampling.temperature, sampling.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def forward(model, ids: list[int], cache) -> torch.Tensor:
+    """Run `ids` after what `cache` holds; return the logits of the last position [vocab]."""
+    input_ids = torch.tensor([ids], device=model.device)
+    # logits_to_keep=1: a long prompt would otherwise materialise [prompt, vocab] logits for nothing
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})
+    return out.logits[0, -1]
+
+
+def prefill(model, prompt_ids: list[int], cache) -> torch.Tensor:
+    return forward(model, prompt_ids, cache)
+
+
+def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
+    return forward(model, [token_id], cache)
+
+
+def vocabulary_mask(vocab_size: int, first_special_id: int, eos_id: int, device) -> torch.Tensor:
+    """Added to logits: -inf for special and padding ids the tokenizer cannot show, except eos."""
+    mask = torch.zeros(vocab_size, device=device)
+    mask[first_special_id:] = float("-inf")
+    mask[eos_id] = 0.0
+    return mask
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
+                 mask: torch.Tensor) -> Iterator[int]:
+    """Yield up to `max_new_tokens` sampled ids, one at a time (eos included, after which it ends)."""
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    cache = DynamicCache(config=model.config)
+    logits = prefill(model, prompt_ids, cache)
+    for step in range(max_new_tokens):
+        token = sample(logits + mask, sampling, generator)
+        yield token
+        if step + 1 == max_new_tokens:
+            return
+        logits = decode_one_token(model, token, cache)

@@ -1,0 +1,101 @@
+"""Launch profiles: turn settings plus what the machine has into one concrete plan (device, bits, dtype).
+
+The probe of the hardware is a plain function argument so tests can describe a GPU that is not there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Profile:
+    bits: int
+    min_free_gib: float  # auto picks the largest profile whose need fits the free memory
+    max_context: int
+
+
+PROFILES = {
+    "low": Profile(bits=4, min_free_gib=0, max_context=8192),
+    "mid": Profile(bits=8, min_free_gib=10, max_context=8192),
+    "high": Profile(bits=16, min_free_gib=14, max_context=8192),
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    free_bytes: int = 0  # free memory of the CUDA device
+    bf16: bool = False  # whether the CUDA device supports bfloat16
+    name: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # "cuda" or "cpu"
+    bits: int  # 4, 8 or 16
+    dtype: str  # compute dtype name: float16, bfloat16 or float32
+    max_context: int
+    profile: str
+    reason: str
+
+    @property
+    def precision(self) -> str:
+        return f"{self.bits}-bit" if self.bits < 16 else self.dtype
+
+
+def probe_hardware() -> Hardware:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Hardware(cuda=False)
+    free, _total = torch.cuda.mem_get_info()
+    return Hardware(cuda=True, free_bytes=free, bf16=torch.cuda.is_bf16_supported(),
+                    name=torch.cuda.get_device_name())
+
+
+def plan_for(settings: Settings, hardware: Hardware) -> Plan:
+    if settings.device == "cuda" and not hardware.cuda:
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+    device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and hardware.cuda) else "cpu"
+
+    profile = settings.profile
+    if profile == "auto":
+        profile, reason = _auto_profile(device, hardware)
+    else:
+        reason = f"profile {profile} was asked for"
+    bits = PROFILES[profile].bits
+    if settings.quantize is not None:
+        bits = 16 if settings.quantize == 0 else settings.quantize
+        reason += f"; --quantize {settings.quantize} overrides it to {bits}-bit"
+
+    dtype = _dtype(settings.dtype, device, hardware)
+    max_context = settings.max_context or PROFILES[profile].max_context
+    return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason)
+
+
+def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
+    if device == "cpu":
+        # Measured on CPU (bench/): bitsandbytes 4-bit decodes fastest and needs ~4 GB of RAM, so it fits 16 GB.
+        return "low", "no CUDA GPU: CPU with 4-bit weights (fastest on CPU, fits in 16 GB of RAM)"
+    free_gib = hardware.free_bytes / GIB
+    for name in ("high", "mid", "low"):
+        if free_gib >= PROFILES[name].min_free_gib:
+            return name, f"{hardware.name} has {free_gib:.1f} GiB free: profile {name} ({PROFILES[name].bits}-bit)"
+    raise AssertionError("the low profile needs no free memory")
+
+
+def _dtype(asked: str, device: str, hardware: Hardware) -> str:
+    if asked == "bfloat16" and device == "cuda" and not hardware.bf16:
+        raise ValueError("this GPU does not support bfloat16; use --dtype float16")
+    if asked != "auto":
+        return asked
+    # float16 on CPU is slow in torch; bfloat16 is fast on current CPUs.
+    return "float16" if device == "cuda" else "bfloat16"

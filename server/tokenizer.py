@@ -1,0 +1,98 @@
+"""ChatGLM2 tokenization on sentencepiece: prompt ids, counting, and incremental decoding for streams.
+
+The reference tokenizer is sentencepiece plus five special tokens appended after the pieces:
+[MASK], [gMASK], [sMASK], sop, eop. A prompt is [gMASK], sop, then the encoded chat text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece
+
+SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+EOS_ID = 2
+TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
+TRAINING_DATE = "2023年"
+
+
+class ChatGLM2Tokenizer:
+    def __init__(self, model_file: str | Path):
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.n_pieces = self.sp.get_piece_size()
+        self.special_ids = {name: self.n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.eos_id = EOS_ID
+        # Anything at or above this id is a special token or padding: never shown, never sampled (except eos).
+        self.first_special_id = self.n_pieces
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def build_prompt(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> list[int]:
+        return self.prompt_prefix() + self.sp.encode(chat_text(query, history, answer_prefix))
+
+    def prompt_prefix(self) -> list[int]:
+        return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
+
+    # -- counting --------------------------------------------------------------------------------------------
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def count(self, text: str) -> int:
+        return len(self.sp.encode(text))
+
+    # -- decoding --------------------------------------------------------------------------------------------
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if 0 <= i < self.first_special_id])
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+def chat_text(query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> str:
+    """The ChatGLM2 chat template: numbered rounds of 问/答, the open round ending in the answer prefix."""
+    rounds = [f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1)]
+    rounds.append(f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：")
+    return "".join(rounds) + answer_prefix
+
+
+def clean_reply(text: str) -> str:
+    """What the reference shows of a reply: surrounding whitespace stripped, the training-date placeholder filled."""
+    return text.strip().replace(TRAINING_DATE_PLACEHOLDER, TRAINING_DATE)
+
+
+class StreamDecoder:
+    """Turns generated ids into text one id at a time without re-decoding the whole reply.
+
+    sentencepiece decides spaces and multi-byte characters from neighbouring pieces, so each step decodes only
+    a short window: the ids since `prefix` (already shown, kept as context) against the same window plus the
+    new ids. Text ending in U+FFFD is an incomplete UTF-8 sequence (byte-fallback pieces) and is held back.
+    """
+
+    def __init__(self, tokenizer: ChatGLM2Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # ids before this are already in the text
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Add one id; return the new text it completes ("" while a character is still incomplete)."""
+        if not 0 <= token_id < self.tokenizer.first_special_id:
+            return ""
+        self.ids.append(token_id)
+        shown = self.tokenizer.sp.decode(self.ids[self.prefix:self.read])
+        full = self.tokenizer.sp.decode(self.ids[self.prefix:])
+        if full.endswith("\ufffd") or len(full) <= len(shown):
+            return ""
+        new = full[len(shown):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += new
+        return new
+
+    def flush(self) -> str:
+        """At the end of a reply: whatever is still held back (a truly broken byte sequence shows as U+FFFD)."""
+        shown = self.tokenizer.sp.decode(self.ids[self.prefix:self.read])
+        full = self.tokenizer.sp.decode(self.ids[self.prefix:])
+        new = full[len(shown):] if len(full) > len(shown) else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += new
+        return new

@@ -1,0 +1,128 @@
+"""Writes ChatGLM2 checkpoints in the hub layout of THUDM/chatglm2-6b, with random weights, for tests and bench.
+
+The folder holds what the hub has: a chatglm `config.json`, `tokenizer_config.json`, a sentencepiece
+`tokenizer.model` trained here (unk=0, bos=1, eos=2, byte fallback), and float16 weights in sharded `.bin` files
+with an index, under the reference implementation's tensor names. A decoy `modeling_chatglm.py` that raises
+when imported shows that nothing from the folder is executed.
+
+The residual stream's dimension 0 is held at a positive constant (embeddings set it, no layer writes it), so the
+logit of eos is exactly `eos_bias * normed_x0`: negative keeps replies going until max_length, positive ends
+every reply at once. That gives tests deterministic `length` and `stop` finishes from a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import sentencepiece
+import torch
+
+WORDS_ZH = "你好 世界 今天 天气 怎么样 有什么 可以 帮 你 的 吗 我 是 一个 语言 模型 问题 答案 中国 北京 学习 时间".split()
+WORDS_EN = "hello world the model answer question weather today good time learn language chat server".split()
+
+TINY = dict(hidden_size=64, num_layers=2, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+            ffn_hidden_size=128, seq_length=2048)
+
+
+def train_tokenizer(path: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """A small sentencepiece model with ChatGLM2's special ids (unk=0, bos=1, eos=2) and byte fallback."""
+    rng = random.Random(seed)
+    words = WORDS_ZH + WORDS_EN
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
+    lines += ["[Round 1]\n\n问：你好\n\n答：你好！", "Hello 世界"] * 20
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    path.with_suffix(".vocab").unlink(missing_ok=True)
+    return path
+
+
+def chatglm_config(padded_vocab_size: int, **shape) -> dict:
+    cfg = {
+        "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True, "bias_dropout_fusion": True, "fp32_residual_connection": False,
+        "hidden_dropout": 0.0, "layernorm_epsilon": 1e-05, "multi_query_attention": True, "original_rope": True,
+        "padded_vocab_size": padded_vocab_size, "post_layer_norm": True, "rmsnorm": True, "use_cache": True,
+        "torch_dtype": "float16", "transformers_version": "4.27.1", "tie_word_embeddings": False,
+        "eos_token_id": 2, "pad_token_id": 0,
+    }
+    cfg.update(TINY)
+    cfg.update(shape)
+    return cfg
+
+
+def random_weights(cfg: dict, eos_bias: float, seed: int) -> dict[str, torch.Tensor]:
+    """Reference-named float16 tensors; dimension 0 of the residual stream is a constant (see module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    h, ffn, vocab = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["padded_vocab_size"]
+    qkv_rows = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * cfg["kv_channels"]
+
+    def rand(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    embed = rand(vocab, h, scale=1.0)
+    embed[:, 0] = 3.0
+    state = {"transformer.embedding.word_embeddings.weight": embed,
+             "transformer.rotary_pos_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, cfg["kv_channels"] // 2, 2)
+                                                                   / (cfg["kv_channels"] // 2))}
+    for i in range(cfg["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        dense, down = rand(h, cfg["num_attention_heads"] * cfg["kv_channels"]), rand(h, ffn)
+        dense[0], down[0] = 0.0, 0.0  # no layer writes dimension 0
+        state.update({
+            p + "input_layernorm.weight": 1.0 + 0.1 * rand(h, scale=1.0),
+            p + "self_attention.query_key_value.weight": rand(qkv_rows, h),
+            p + "self_attention.query_key_value.bias": 0.1 * rand(qkv_rows, scale=1.0),
+            p + "self_attention.dense.weight": dense,
+            p + "post_attention_layernorm.weight": 1.0 + 0.1 * rand(h, scale=1.0),
+            p + "mlp.dense_h_to_4h.weight": rand(2 * ffn, h),
+            p + "mlp.dense_4h_to_h.weight": down,
+        })
+    head = rand(vocab, h, scale=1.0)
+    head[:, 0] = 0.0
+    head[2, 0] = eos_bias
+    state["transformer.encoder.final_layernorm.weight"] = torch.ones(h)
+    state["transformer.output_layer.weight"] = head
+    return {k: v.to(torch.float16) if k != "transformer.rotary_pos_emb.inv_freq" else v for k, v in state.items()}
+
+
+def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, shards: int = 2,
+                     tokenizer: Path | None = None, vocab_size: int = 400, **shape) -> Path:
+    """Write a ChatGLM2 checkpoint in the hub layout into `folder` and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        train_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, seed=seed)
+    else:
+        (folder / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    n_pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    padded = shape.pop("padded_vocab_size", None) or -(-(n_pieces + 5) // 64) * 64
+    cfg = chatglm_config(padded, **shape)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "ChatGLMTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+        indent=2), encoding="utf-8")
+    (folder / "modeling_chatglm.py").write_text("raise RuntimeError('remote code must never run')\n")
+
+    state = random_weights(cfg, eos_bias, seed)
+    names = list(state)
+    per_shard = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        shard_name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n] for n in names[i * per_shard:(i + 1) * per_shard]}
+        torch.save(part, folder / shard_name)
+        weight_map.update({n: shard_name for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+    return folder
