@@ -49,7 +49,7 @@ def fit_prompt(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, max_con
         reserve = min(reply_reserve, request.max_new_tokens)
     else:
         total = min(request.max_length or max_context, max_context)
-        reserve = min(reply_reserve, total // 2)
+        reserve = min(reply_reserve, total // 4)
     limit = total - max(reserve, 1)
 
     history = list(request.history)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from .config import ENV_PREFIX, Settings, UserError, from_env, parse_value, settings_fields
+from .config import ENV_PREFIX, PROJECT_ROOT, Settings, UserError, from_env, parse_value, settings_fields
 
 log = logging.getLogger("server")
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     for f in settings_fields():
         default = getattr(defaults, f.name)
+        if isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
+            default = f"{default.relative_to(PROJECT_ROOT).as_posix()} in the project folder"
         shown = "" if default is None else f" (default: {default})"
         kwargs = {"help": f.metadata["help"] + shown, "dest": f.name, "default": None}
         if "bool" in str(f.type):

@@ -6,6 +6,7 @@ Nothing from the model folder is executed: the native class is used directly, an
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from .profiles import Plan
 from .tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
+
+# bitsandbytes warns on every 8-bit matmul that it casts bfloat16 inputs to float16: expected, and it floods logs.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

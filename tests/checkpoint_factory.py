@@ -60,8 +60,11 @@ def chatglm_config(padded_vocab_size: int, **shape) -> dict:
     return cfg
 
 
-def random_weights(cfg: dict, eos_bias: float, seed: int) -> dict[str, torch.Tensor]:
-    """Reference-named float16 tensors; dimension 0 of the residual stream is a constant (see module doc)."""
+def random_weights(cfg: dict, eos_bias: float, seed: int, byte_ids: list[int] = ()) -> dict[str, torch.Tensor]:
+    """Reference-named float16 tensors; dimension 0 of the residual stream is a constant (see module doc).
+
+    Byte-fallback pieces get a lower logit the same way, so replies are mostly whole words, as with a real model.
+    """
     g = torch.Generator().manual_seed(seed)
     h, ffn, vocab = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["padded_vocab_size"]
     qkv_rows = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * cfg["kv_channels"]
@@ -90,6 +93,7 @@ def random_weights(cfg: dict, eos_bias: float, seed: int) -> dict[str, torch.Ten
     head = rand(vocab, h, scale=1.0)
     head[:, 0] = 0.0
     head[2, 0] = eos_bias
+    head[list(byte_ids), 0] = -10.0
     state["transformer.encoder.final_layernorm.weight"] = torch.ones(h)
     state["transformer.output_layer.weight"] = head
     return {k: v.to(torch.float16) if k != "transformer.rotary_pos_emb.inv_freq" else v for k, v in state.items()}
@@ -104,7 +108,8 @@ def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, sh
         train_tokenizer(folder / "tokenizer.model", vocab_size=vocab_size, seed=seed)
     else:
         (folder / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-    n_pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    n_pieces = sp.get_piece_size()
     padded = shape.pop("padded_vocab_size", None) or -(-(n_pieces + 5) // 64) * 64
     cfg = chatglm_config(padded, **shape)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
@@ -113,7 +118,7 @@ def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, sh
         indent=2), encoding="utf-8")
     (folder / "modeling_chatglm.py").write_text("raise RuntimeError('remote code must never run')\n")
 
-    state = random_weights(cfg, eos_bias, seed)
+    state = random_weights(cfg, eos_bias, seed, [i for i in range(n_pieces) if sp.is_byte(i)])
     names = list(state)
     per_shard = -(-len(names) // shards)
     weight_map = {}

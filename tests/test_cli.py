@@ -1,0 +1,87 @@
+"""Settings, profiles and the command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, settings_from
+from server.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, Settings
+from server.profiles import GIB, Hardware, plan_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_model_dir_is_under_the_project_not_the_working_directory():
+    assert DEFAULT_MODEL_DIR == ROOT / "THUDM" / "chatglm2-6b" and PROJECT_ROOT == ROOT
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for flag in ("--quantize", "--profile", "--device", "--dtype", "--model-dir", "--host", "--port",
+                 "--max-context", "--max-queue"):
+        assert flag in text
+    assert "5178" in text and "127.0.0.1" in text
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    args = build_parser().parse_args(["--port", "6000", "--quantize", "8"])
+    settings = settings_from(args, environ={"CHATGLM2_PORT": "7000", "CHATGLM2_MAX_CONTEXT": "4096"})
+    assert settings.port == 6000 and settings.quantize == 8 and settings.max_context == 4096
+    assert settings.host == "127.0.0.1" and settings.profile == "auto"
+
+
+def test_bad_flag_values_are_refused():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--quantize", "3"])
+
+
+CPU = Hardware(cuda=False)
+
+
+def gpu(free_gib, bf16=True):
+    return Hardware(cuda=True, free_bytes=int(free_gib * GIB), bf16=bf16, name="Test GPU")
+
+
+@pytest.mark.parametrize("changes, hardware, expected", [
+    ({}, CPU, ("cpu", 4, "bfloat16", "low")),
+    ({}, gpu(23.5), ("cuda", 16, "float16", "high")),
+    ({}, gpu(11.0), ("cuda", 8, "float16", "mid")),
+    ({}, gpu(7.6), ("cuda", 4, "float16", "low")),
+    ({"profile": "mid"}, gpu(23.5), ("cuda", 8, "float16", "mid")),
+    ({"profile": "high", "quantize": 4}, gpu(23.5), ("cuda", 4, "float16", "high")),
+    ({"quantize": 0}, gpu(7.6), ("cuda", 16, "float16", "low")),
+    ({"device": "cpu", "dtype": "float32"}, gpu(23.5), ("cpu", 4, "float32", "low")),
+    ({"dtype": "bfloat16", "profile": "high"}, gpu(23.5), ("cuda", 16, "bfloat16", "high")),
+])
+def test_profiles(changes, hardware, expected):
+    plan = plan_for(Settings().replace(**changes), hardware)
+    assert (plan.device, plan.bits, plan.dtype, plan.profile) == expected
+    assert plan.max_context == 8192 and plan.reason
+
+
+@pytest.mark.parametrize("changes, hardware, message", [
+    ({"device": "cuda"}, CPU, "no CUDA GPU"),
+    ({"dtype": "bfloat16"}, gpu(23.5, bf16=False), "does not support bfloat16"),
+])
+def test_impossible_plans_say_why(changes, hardware, message):
+    with pytest.raises(ValueError, match=message):
+        plan_for(Settings().replace(**changes), hardware)
+
+
+def test_terminal_chat_streams_and_keeps_history(tiny_checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "chat", "--model-dir", str(tiny_checkpoint), "--dtype", "float32",
+         "--quantize", "16", "--max-context", "128"],
+        input="你好\nclear\nhello\nexit\n", capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("答 / ChatGLM2: ") == 2 and "history cleared" in proc.stdout
+    assert "[length]" in proc.stdout
+
+
+def test_missing_model_is_a_clear_message_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server", "chat", "--model-dir", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "Model files are missing" in proc.stderr and "Traceback" not in proc.stderr
