@@ -49,6 +49,9 @@ class Settings:
     reply_reserve: int = option(512, "tokens kept free for the reply when old history rounds are dropped")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = option(5178, "TCP port to listen on")
+    api_key: str | None = option(None, "require 'Authorization: Bearer <key>' on every route but / and /health")
+    max_body_bytes: int = option(2 * 1024 * 1024, "largest request body accepted, in bytes")
+    chatlog: bool = option(True, "write full queries and replies to chatlog.log (--no-chatlog turns it off)")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import UserError
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from .generate import Sampling, generate_ids, vocabulary_mask
 from .model import LoadedModel
@@ -109,7 +110,10 @@ class Engine:
             try:
                 self.attach(loader(self))
             except Exception as exc:  # reported through /health; the server keeps answering
-                log.exception("loading the model failed")
+                if isinstance(exc, UserError):
+                    log.error("%s", exc)
+                else:
+                    log.exception("loading the model failed")
                 self.set_state("error", error=str(exc))
 
         thread = threading.Thread(target=run, name="model-loader", daemon=True)

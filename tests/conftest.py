@@ -65,3 +65,45 @@ def engine_for():
 @pytest.fixture
 def engine(engine_for, tiny_model):
     return engine_for(tiny_model)
+
+
+class LiveServer:
+    """The real app on a real waitress server, on a free loopback port, in a background thread."""
+
+    def __init__(self, engine, **settings):
+        import threading
+
+        from server.app import create_app
+        from server.config import Settings
+        from server.serve import make_server
+
+        self.engine = engine
+        self.settings = Settings(host="127.0.0.1", port=0, chatlog=False, **settings)
+        self.app = create_app(self.settings, engine)
+        self.server = make_server(self.app, self.settings)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve():
+    """serve(engine, **settings) -> LiveServer, closed after the test."""
+    servers = []
+
+    def start(engine, **settings):
+        servers.append(LiveServer(engine, **settings))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def server(serve, engine):
+    return serve(engine)

@@ -1,0 +1,109 @@
+"""The Flask application: `create_app(settings, engine)` wires blueprints, errors, CORS, the API key and /health.
+
+Nothing heavy happens here: the engine (loading in the background, or ready) is passed in, never imported.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .config import Settings
+from .engine import Engine
+from .validation import ApiError
+
+log = logging.getLogger(__name__)
+
+OPEN_ROUTES = ("/", "/health")  # answered without the API key: a liveness check reveals nothing
+
+
+def create_app(settings: Settings, engine: Engine) -> Flask:
+    from .seed_api import bp as seed_bp
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.ensure_ascii = False
+    app.json.sort_keys = False
+    app.extensions["chatglm2.engine"] = engine
+    app.extensions["chatglm2.settings"] = settings
+    app.register_blueprint(seed_bp)
+
+    @app.get("/health")
+    def health():
+        loaded = engine.loaded
+        body = {
+            "status": engine.state,
+            "model": str(settings.model_dir),
+            "device": loaded.plan.device if loaded else None,
+            "precision": loaded.plan.precision if loaded else None,
+            "profile": loaded.plan.profile if loaded else settings.profile,
+            "max_context": engine.max_context or settings.max_context,
+            "queue": engine.queue_length,
+            "running": engine.running_id,
+            "version": __version__,
+            **engine.detail,
+        }
+        return jsonify(body), 200 if engine.state == "ready" else 503
+
+    app.before_request(lambda: check_api_key(settings.api_key))
+    app.after_request(allow_cross_origin)
+    app.register_error_handler(ApiError, api_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected_error)
+    return app
+
+
+def check_api_key(api_key: str | None):
+    if not api_key or request.method == "OPTIONS" or request.path in OPEN_ROUTES:
+        return None
+    sent = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+        raise ApiError(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+    return None
+
+
+def allow_cross_origin(response):
+    """Browser clients on other origins may call the API (no credentials, so any origin is safe to allow)."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Expose-Headers"] = "X-Job-Id, Retry-After"
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "Content-Type, Authorization")
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def error_response(error: ApiError):
+    """One error shape per API family: OpenAI's under /v1/, the seed's everywhere else."""
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if error.status < 500 and error.status != 429 else "server_error"
+        body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+    else:
+        body = {"success": False, "message": error.message, **error.extra}
+    return jsonify(body), error.status, error.headers
+
+
+def api_error(error: ApiError):
+    return error_response(error)
+
+
+def http_error(error: HTTPException):
+    allowed = getattr(error, "valid_methods", None) or []
+    message = {
+        404: f"there is no {request.path} here; see README.md for the endpoints",
+        405: f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}",
+        413: "the request body is too large; send less history or raise --max-body-bytes",
+    }.get(error.code, error.description)
+    headers = {"Allow": ", ".join(allowed)} if allowed else {}
+    return error_response(ApiError(error.code or 500, message, headers=headers))
+
+
+def unexpected_error(error: Exception):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(ApiError(500, "internal server error; the server log has the details"))

@@ -1,0 +1,127 @@
+"""The seed's HTTP API, kept exactly (`/`, `/stream`, `/interrupt`, `/tokenize`), and its successor `/generate`.
+
+Data path of a chat request: JSON body -> validated GenerationRequest -> engine queue -> model -> SSE events.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .budget import GenerationRequest
+from .engine import Engine, Finished, Job, Update
+from .streaming import SSE_HEADERS, client_watcher, follow, log_finished, sse, submit, summary, tokenizer_of
+from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
+
+bp = Blueprint("seed", __name__)
+
+# The original server's sampling defaults.
+TOP_P, TEMPERATURE = 0.7, 1.0
+
+
+def engine() -> Engine:
+    return current_app.extensions["chatglm2.engine"]
+
+
+def chat_request(body: dict) -> GenerationRequest:
+    """The seed's fields: query, answer_prefix, max_length, history, top_p, temperature."""
+    return GenerationRequest(
+        query=text(body, "query", required=True, allow_empty=False),
+        answer_prefix=text(body, "answer_prefix", default=""),
+        history=history_pairs(body),
+        max_length=number(body, "max_length", None, integer=True, low=0, low_open=True),
+        **sampling_fields(body, TOP_P, TEMPERATURE),
+    )
+
+
+@bp.get("/")
+def index():
+    return jsonify({"message": "Server started", "success": True})
+
+
+@bp.post("/stream")
+def stream():
+    chat = chat_request(json_body(request))
+    eng = engine()
+    job = submit(eng, chat)
+    history = [list(pair) for pair in chat.history]  # as sent, even when old rounds were dropped to fit
+    watch = client_watcher(request.environ)
+
+    def events():
+        for event in follow(eng, job, watch):
+            if isinstance(event, Update):
+                yield sse([event.text, history + [[chat.query, event.text]]])
+            else:
+                yield finish_event(job, event)
+                log_finished("/stream", job, event)
+
+    return event_stream(announce(job, events()), job)
+
+
+def finish_event(job: Job, finished: Finished) -> bytes:
+    if finished.finish_reason == "error":
+        return sse({"message": f"generation failed: {finished.error}", "id": job.id}, event="error")
+    return sse(summary(job, finished), event="done")
+
+
+def event_stream(events, job: Job) -> Response:
+    return Response(events, mimetype="text/event-stream", content_type="text/event-stream; charset=utf-8",
+                    headers={**SSE_HEADERS, "X-Job-Id": job.id})
+
+
+def announce(job: Job, events):
+    """Open the stream with an SSE comment naming the job. waitress sends the headers (X-Job-Id) with the first
+    non-empty chunk, so a client learns the id at once and can interrupt a job that still waits in the queue.
+    SSE parsers ignore comment lines."""
+    yield f": job {job.id}\n\n".encode()
+    yield from events
+
+
+@bp.post("/interrupt")
+def interrupt():
+    body = json_body(request) if request.get_data(cache=True).strip() else {}
+    job_id = text(body, "id")
+    if job_id is None:
+        engine().interrupt()
+    elif not engine().interrupt(job_id):
+        raise ApiError(404, f"no queued or running job has the id {job_id!r}; it may have finished already")
+    return jsonify({"message": "OK", "success": True})
+
+
+@bp.post("/tokenize")
+def tokenize():
+    body = json_body(request)
+    value = text(body, "text", required=True)
+    tokenizer = tokenizer_of(engine())
+    pieces = tokenizer.pieces(value)
+    answer = {"len": len(pieces)}
+    if flag(body, "return_tokens", False):
+        answer["tokens"] = pieces
+    return jsonify(answer)
+
+
+@bp.route("/generate", methods=["GET", "POST"])
+def generate():
+    """The dedicated client's endpoint: `data: {"response": reply_so_far}` events, or plain text."""
+    body = request.args.to_dict() if request.method == "GET" else json_body(request)
+    chat = chat_request(body)
+    streaming = flag(body, "stream", False)
+    eng = engine()
+    job = submit(eng, chat)
+    if not streaming:
+        finished = job.wait()
+        log_finished("/generate", job, finished)
+        if finished.finish_reason == "error":
+            raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again")
+        return Response(finished.text, content_type="text/plain; charset=utf-8", headers={"X-Job-Id": job.id})
+
+    watch = client_watcher(request.environ)
+
+    def events():
+        # only unnamed data events: that client parses every chunk as one {"response": ...} event
+        for event in follow(eng, job, watch):
+            if isinstance(event, Update):
+                yield sse({"response": event.text})
+            else:
+                log_finished("/generate", job, event)
+
+    return event_stream(events(), job)

@@ -1,0 +1,65 @@
+"""`python -m server`: listen at once, load the model in the background, serve the API with waitress."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from logging.handlers import RotatingFileHandler
+
+import waitress
+
+from .app import create_app
+from .config import PROJECT_ROOT, Settings, UserError
+from .engine import Engine
+from .startup import load_for
+from .streaming import chatlog
+
+log = logging.getLogger(__name__)
+
+CHATLOG_PATH = PROJECT_ROOT / "chatlog.log"
+
+
+def make_server(app, settings: Settings):
+    """A waitress server that streams each event as it is written and notices clients that go away."""
+    try:
+        return waitress.create_server(
+            app, host=settings.host, port=settings.port,
+            threads=settings.max_queue + 4,  # every waiting stream holds a thread; leave some for quick calls
+            channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
+            # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
+            max_request_body_size=4 * settings.max_body_bytes + 65536,
+            ident="my-chatglm2",
+        )
+    except OSError as exc:
+        raise UserError(f"无法监听 / Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+                        f"端口可能已被占用，可用 --port 换一个 / The port may be in use; choose another with --port.")
+
+
+def run_server(settings: Settings) -> int:
+    warn_if_exposed(settings)
+    if settings.chatlog:
+        handler = RotatingFileHandler(CHATLOG_PATH, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        chatlog.addHandler(handler)
+        chatlog.setLevel(logging.INFO)
+    engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
+    server = make_server(create_app(settings, engine), settings)
+    engine.load_in_background(lambda _engine: load_for(settings))
+    log.info("listening on http://%s:%s (the model loads in the background; see /health)",
+             settings.host, server.effective_port)
+    try:
+        server.run()
+    finally:
+        engine.close()
+    return 0
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if loopback:
+        return
+    log.warning("listening on %s: other machines on the network can reach this server%s", settings.host,
+                "" if settings.api_key else "; anyone can use it (set --api-key to require a key)")

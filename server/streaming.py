@@ -1,0 +1,106 @@
+"""Between HTTP and the engine: submit a job, follow its events while watching the client, frame SSE, log it.
+
+A streaming client that goes away cancels its job: waitress reports the disconnect through
+`waitress.client_disconnected` (checked between events and while a job waits in the queue), and a write to a
+closed socket ends the response generator, whose cleanup interrupts the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from collections.abc import Callable, Iterator
+
+from .budget import ContextOverflow, GenerationRequest
+from .engine import Engine, EngineBusy, Finished, Job, NotReady, Update
+from .validation import ApiError
+
+log = logging.getLogger("server.requests")
+chatlog = logging.getLogger("server.chatlog")  # full texts; a rotating file set up by serve.py
+chatlog.propagate = False
+
+POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there
+RETRY_AFTER = {"Retry-After": "5"}
+
+
+def submit(engine: Engine, request: GenerationRequest) -> Job:
+    """Queue a job, or raise the ApiError that tells the client why not."""
+    try:
+        return engine.submit(request)
+    except NotReady:
+        raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER) from None
+    except EngineBusy as exc:
+        raise ApiError(429, str(exc), code="server_busy", headers=RETRY_AFTER) from None
+    except ContextOverflow as exc:
+        raise ApiError(413, str(exc), code="context_length_exceeded", param="messages",
+                       prompt_tokens=exc.prompt_tokens, limit=exc.limit, max_context=exc.max_context) from None
+
+
+def not_ready_message(engine: Engine) -> str:
+    if engine.state == "error":
+        return f"the model failed to load: {engine.detail.get('error', 'see the server log')}"
+    progress = engine.detail.get("progress")
+    done = f" ({progress:.0%} done)" if isinstance(progress, float) else ""
+    return f"the model is still {engine.state}{done}; try again in a few seconds"
+
+
+def tokenizer_of(engine: Engine):
+    if engine.state != "ready" or engine.loaded is None:
+        raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER)
+    return engine.loaded.tokenizer
+
+
+def follow(engine: Engine, job: Job, disconnected: Callable[[], bool]) -> Iterator[Update | Finished]:
+    """The job's events; interrupts the job when the client disconnects or stops reading."""
+    try:
+        while True:
+            try:
+                event = job.next_event(timeout=POLL_SECONDS)
+            except queue.Empty:  # still queued, or a slow token: is anyone still listening?
+                if disconnected():
+                    engine.interrupt(job.id)
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+            if disconnected():
+                engine.interrupt(job.id)
+    finally:
+        if job.result is None:  # the response was closed early: the client is gone
+            engine.interrupt(job.id)
+
+
+def client_watcher(environ) -> Callable[[], bool]:
+    return environ.get("waitress.client_disconnected") or (lambda: False)
+
+
+def sse(payload, event: str | None = None) -> bytes:
+    """One server-sent event: optional name, one data line of compact UTF-8 JSON, blank line."""
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode("utf-8")
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def summary(job: Job, finished: Finished) -> dict:
+    """What the `done` event reports."""
+    return {"finish_reason": finished.finish_reason, "id": job.id, "prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.completion_tokens, "dropped_rounds": finished.dropped_rounds,
+            "seconds": round(finished.seconds, 3)}
+
+
+def log_finished(route: str, job: Job, finished: Finished) -> None:
+    """One console line per request; the full query and reply only in the chat log."""
+    ttft = finished.first_token_seconds
+    decode_time = finished.seconds - (ttft or 0)
+    rate = (finished.completion_tokens - 1) / decode_time if finished.completion_tokens > 1 and decode_time > 0 else 0
+    log.info("job %s %s prompt=%d reply=%d dropped=%d ttft=%s tok/s=%.1f finish=%s%s", job.id, route,
+             finished.prompt_tokens, finished.completion_tokens, finished.dropped_rounds,
+             f"{ttft:.2f}s" if ttft is not None else "-", rate, finished.finish_reason,
+             f" error={finished.error}" if finished.error else "")
+    chatlog.info(json.dumps({"id": job.id, "route": route, "query": job.request.query,
+                             "history_rounds": len(job.request.history), "answer_prefix": job.request.answer_prefix,
+                             "reply": finished.text, "finish_reason": finished.finish_reason},
+                            ensure_ascii=False))

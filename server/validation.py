@@ -1,0 +1,117 @@
+"""Request validation: turn untrusted JSON into a GenerationRequest, or an ApiError a person can act on.
+
+Field rules live here once and every endpoint family reuses them. Numbers may arrive as numeric strings (the
+seed documented `max_length` as a string), booleans as "false"/"0"/"no".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flask import Request
+
+MAX_TEMPERATURE = 2.0
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status, a message that says what to do, and extra fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None, **extra):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def json_body(request: Request) -> dict:
+    """The request's JSON object. JSON sent as text/plain (what a browser's simple fetch sends) is accepted."""
+    mimetype = request.mimetype
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json") and mimetype != "text/plain":
+        raise ApiError(415, f"the body must be JSON sent with Content-Type: application/json, not {mimetype}")
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object such as {\"query\": \"你好\"}")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"query\": \"你好\"}}")
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def text(body: dict, name: str, default: str | None = None, required: bool = False, allow_empty=True) -> str:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required: a non-empty string", param=name)
+        return default
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be a string, not {type(value).__name__}", param=name)
+    if not allow_empty and not value.strip():
+        raise ApiError(400, f"'{name}' must not be empty", param=name)
+    return value
+
+
+def number(body: dict, name: str, default, *, integer=False, low=None, high=None, low_open=False):
+    """A number (or numeric string) within [low, high] ((low, high] when low_open)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ApiError(400, f"'{name}' must be a number, not {value!r}", param=name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a number, not {json.dumps(value)[:40]}", param=name)
+    if integer:
+        if value != int(value):
+            raise ApiError(400, f"'{name}' must be a whole number, not {value}", param=name)
+        value = int(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ApiError(400, f"'{name}' must be {' and '.join(p for p in (lo, hi) if p)}, not {value}", param=name)
+    return value
+
+
+def flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise ApiError(400, f"'{name}' must be true or false, not {json.dumps(value)[:40]}", param=name)
+
+
+def history_pairs(body: dict, name: str = "history") -> list[tuple[str, str]]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):  # GET /generate passes history as a JSON string
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ApiError(400, f"'{name}' must be a JSON list of [question, answer] pairs", param=name) from None
+    if not isinstance(value, list):
+        raise ApiError(400, f"'{name}' must be a list of [question, answer] pairs", param=name)
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise ApiError(400, f"'{name}[{i}]' must be a pair of two strings [question, answer], "
+                                f"not {json.dumps(pair, ensure_ascii=False)[:60]}", param=name)
+    return [(q, a) for q, a in value]
+
+
+def sampling_fields(body: dict, top_p_default: float, temperature_default: float) -> dict:
+    return {
+        "top_p": number(body, "top_p", top_p_default, low=0, high=1, low_open=True),
+        "temperature": number(body, "temperature", temperature_default, low=0, high=MAX_TEMPERATURE),
+    }

@@ -1,0 +1,132 @@
+"""Bad input gets a 4xx JSON answer that says what is wrong, and the server keeps serving."""
+
+import json
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+SEED_ROUTES = ["/stream", "/generate", "/tokenize", "/interrupt"]
+
+
+def assert_seed_error(r, status, *words):
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    body = r.json()
+    assert body["success"] is False and isinstance(body["message"], str) and body["message"]
+    for word in words:
+        assert word in body["message"], body["message"]
+    return body
+
+
+@pytest.mark.parametrize("body, words", [
+    ({}, ["'query' is required"]),
+    ({"query": ""}, ["'query' must not be empty"]),
+    ({"query": "   "}, ["'query' must not be empty"]),
+    ({"query": 5}, ["'query' must be a string"]),
+    ({"query": ["a"]}, ["'query' must be a string"]),
+    ({"query": "hi", "history": "nope"}, ["'history' must be a JSON list"]),
+    ({"query": "hi", "history": {"a": 1}}, ["'history' must be a list"]),
+    ({"query": "hi", "history": [["only one"]]}, ["'history[0]' must be a pair of two strings"]),
+    ({"query": "hi", "history": [["q", 3]]}, ["'history[0]'"]),
+    ({"query": "hi", "history": [["q", "a"], "x"]}, ["'history[1]'"]),
+    ({"query": "hi", "max_length": 0}, ["'max_length' must be > 0"]),
+    ({"query": "hi", "max_length": -5}, ["'max_length' must be > 0"]),
+    ({"query": "hi", "max_length": "many"}, ["'max_length' must be a number"]),
+    ({"query": "hi", "max_length": 10.5}, ["'max_length' must be a whole number"]),
+    ({"query": "hi", "max_length": True}, ["'max_length' must be a number"]),
+    ({"query": "hi", "top_p": 0}, ["'top_p' must be > 0 and <= 1"]),
+    ({"query": "hi", "top_p": 1.5}, ["'top_p' must be > 0 and <= 1"]),
+    ({"query": "hi", "top_p": "abc"}, ["'top_p' must be a number"]),
+    ({"query": "hi", "temperature": -0.1}, ["'temperature' must be >= 0"]),
+    ({"query": "hi", "temperature": 1e9}, ["'temperature' must be >= 0 and <= 2.0"]),
+    ({"query": "hi", "temperature": None, "answer_prefix": 7}, ["'answer_prefix' must be a string"]),
+])
+@pytest.mark.parametrize("route", ["/stream", "/generate"])
+def test_invalid_chat_fields(server, route, body, words):
+    assert_seed_error(requests.post(server.url + route, json=body), 400, *words)
+
+
+@pytest.mark.parametrize("data, content_type, status, words", [
+    (b"{not json", "application/json", 400, ["not valid JSON"]),
+    (b"", "application/json", 400, ["body is empty"]),
+    (b"[1, 2]", "application/json", 400, ["must be a JSON object"]),
+    (b'"text"', "application/json", 400, ["must be a JSON object"]),
+    (b"query=hi", "application/x-www-form-urlencoded", 415, ["Content-Type: application/json"]),
+    (b"\xff\xfe\x00", "application/json", 400, ["not valid JSON"]),
+])
+@pytest.mark.parametrize("route", ["/stream", "/tokenize"])
+def test_malformed_bodies(server, route, data, content_type, status, words):
+    r = requests.post(server.url + route, data=data, headers={"Content-Type": content_type})
+    assert_seed_error(r, status, *words)
+
+
+def test_json_sent_as_text_plain_is_accepted(server):
+    """What a browser's fetch sends for a string body without headers (no CORS preflight needed)."""
+    r = requests.post(server.url + "/tokenize", data=json.dumps({"text": "hi"}), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200 and r.json()["len"] >= 1
+
+
+def test_tokenize_needs_text(server):
+    assert_seed_error(requests.post(server.url + "/tokenize", json={}), 400, "'text' is required")
+    assert_seed_error(requests.post(server.url + "/tokenize", json={"text": 1}), 400, "'text' must be a string")
+    assert_seed_error(requests.post(server.url + "/tokenize", json={"text": "a", "return_tokens": "maybe"}), 400,
+                      "'return_tokens' must be true or false")
+
+
+def test_unknown_route_and_wrong_method(server):
+    body = assert_seed_error(requests.get(server.url + "/nothing"), 404, "/nothing")
+    assert "README" in body["message"]
+    r = requests.get(server.url + "/stream")
+    assert_seed_error(r, 405, "GET is not allowed", "POST")
+    assert "POST" in r.headers["Allow"]
+    assert_seed_error(requests.delete(server.url + "/"), 405)
+
+
+def test_body_over_the_size_limit(serve, engine):
+    server = serve(engine, max_body_bytes=1000)
+    r = requests.post(server.url + "/stream", json={"query": "x" * 5000})
+    assert_seed_error(r, 413, "too large", "--max-body-bytes")
+    assert requests.get(server.url + "/").status_code == 200
+
+
+def test_query_that_cannot_fit_gives_the_counts(server):
+    r = requests.post(server.url + "/stream", json={"query": "hello world " * 200})
+    body = assert_seed_error(r, 413, "tokens", "shorten")
+    assert body["prompt_tokens"] > body["limit"] and body["max_context"] == 256
+
+
+def test_interrupt_body_must_be_json_when_present(server):
+    assert_seed_error(requests.post(server.url + "/interrupt", data=b"{bad", headers={"Content-Type": "application/json"}),
+                      400, "not valid JSON")
+    assert_seed_error(requests.post(server.url + "/interrupt", json={"id": 5}), 400, "'id' must be a string")
+    assert requests.post(server.url + "/interrupt").json() == {"message": "OK", "success": True}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+chat_like = st.fixed_dictionaries({}, optional={
+    "query": json_values, "history": json_values, "max_length": json_values | st.sampled_from(["0", "8", "-1"]),
+    "top_p": json_values, "temperature": json_values, "answer_prefix": json_values, "stream": json_values,
+    "text": json_values, "return_tokens": json_values, "id": json_values,
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(SEED_ROUTES), body=json_values | chat_like)
+def test_random_json_never_breaks_the_server(server, route, body):
+    if isinstance(body, dict) and "max_length" in body and route in ("/stream", "/generate"):
+        body["max_length"] = 4  # valid requests stay short: this test is about bad ones
+    r = requests.post(server.url + route, json=body, timeout=30)
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        answer = r.json()
+        assert answer["success"] is False and answer["message"]
+    else:
+        r.content  # a valid request streams to its end
+    assert requests.get(server.url + "/", timeout=5).status_code == 200

@@ -1,0 +1,313 @@
+"""The seed HTTP API over a real waitress server on loopback, with the tiny model."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from server.budget import GenerationRequest
+from server.engine import Engine
+
+
+def parse_sse(raw: bytes):
+    """[(event name or None, decoded JSON)] from an SSE body; every event must end with a blank line."""
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n")
+    events = []
+    for block in text[:-2].split("\n\n"):
+        if block.startswith(": job "):  # the opening comment
+            continue
+        lines = block.split("\n")
+        name = lines[0][len("event: "):] if lines[0].startswith("event: ") else None
+        data = [line for line in lines if line.startswith("data: ")]
+        assert len(data) == 1 and len(lines) == (2 if name else 1), block
+        events.append((name, json.loads(data[0][len("data: "):])))
+    return events
+
+
+def raw_stream(url, path, body: bytes, headers=""):
+    """Send a request on a plain socket; return (status line and headers, [(seconds, chunk bytes)])."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    start = time.perf_counter()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n{headers}\r\n".encode() + body)
+    received = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received.append((time.perf_counter() - start, data))
+    sock.close()
+    return received
+
+
+def dechunk(received):
+    """Split a chunked HTTP response into (head, [(arrival seconds, chunk payload)])."""
+    buffer = b"".join(d for _, d in received)
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    chunks, pos = [], 0
+    while True:
+        line_end = body.index(b"\r\n", pos)
+        size = int(body[pos:line_end], 16)
+        if size == 0:
+            break
+        chunks.append(body[line_end + 2: line_end + 2 + size])
+        pos = line_end + 2 + size + 2
+    return head.decode(), chunks
+
+
+@pytest.fixture
+def slow_model(tiny_model, monkeypatch):
+    """The tiny model at the pace of a real one: each forward pass takes 20 ms longer."""
+    forward = tiny_model.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "forward", slow)
+    return tiny_model
+
+
+def test_index_is_the_seed_contract(server):
+    r = requests.get(server.url + "/")
+    assert r.status_code == 200 and r.json() == {"message": "Server started", "success": True}
+    assert list(r.json()) == ["message", "success"]
+
+
+def test_stream_framing_byte_for_byte(server, engine):
+    body = {"query": "你好", "history": [["hi", "hello"]], "max_length": "80", "temperature": 0}
+    r = requests.post(server.url + "/stream", json=body)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert r.headers["X-Job-Id"]
+    events = parse_sse(r.content)
+    *updates, (name, done) = events
+    assert name == "done" and all(n is None for n, _ in updates)
+    expected = engine.submit(GenerationRequest(query="你好", history=[("hi", "hello")], max_length=80,
+                                               temperature=0)).wait()
+    reply, history = updates[-1][1]
+    assert reply == expected.text
+    assert history == [["hi", "hello"], ["你好", reply]]
+    # bytes on the wire: compact UTF-8 JSON (no \u escapes), one data line per event
+    assert f'data: ["{reply}",[["hi","hello"],["你好","{reply}"]]]\n\n'.encode() in r.content
+    assert done == {"finish_reason": "length", "id": r.headers["X-Job-Id"], "prompt_tokens": expected.prompt_tokens,
+                    "completion_tokens": expected.completion_tokens, "dropped_rounds": 0,
+                    "seconds": done["seconds"]}
+    assert r.content.endswith(b"event: done\ndata: " + json.dumps(done, separators=(",", ":")).encode() + b"\n\n")
+
+
+def test_stream_really_streams_one_chunk_per_event(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model))
+    received = raw_stream(server.url, "/stream", json.dumps({"query": "hi", "max_length": 60,
+                                                             "temperature": 0}).encode())
+    head, chunks = dechunk(received)
+    assert "200 OK" in head and "Transfer-Encoding: chunked" in head
+    events = [c for c in chunks if c.startswith(b"data: ")]
+    done = json.loads(chunks[-1].split(b"data: ")[1])
+    assert all(c.endswith(b"\n\n") and c.count(b"\n\n") == 1 for c in chunks)  # one event per chunk
+    assert len(events) >= done["completion_tokens"] * 0.8  # about one event per token
+    first_body_at = next(t for t, d in received if b"data: " in d)
+    last_at = received[-1][0]
+    assert first_body_at < last_at / 4, (first_body_at, last_at)  # the first token long before the end
+    assert len(received) >= len(events) * 0.5  # arrived in many reads, not one burst at the end
+
+
+def test_dropped_history_is_still_echoed_as_sent(serve, engine_for, tiny_model):
+    server = serve(engine_for(tiny_model, reply_reserve=32))
+    history = [[f"问题{i} hello world", f"回答{i} the model answer"] for i in range(12)]
+    r = requests.post(server.url + "/stream", json={"query": "最后", "history": history, "temperature": 0})
+    *updates, (_, done) = parse_sse(r.content)
+    assert done["dropped_rounds"] > 0
+    assert updates[-1][1][1][:-1] == history
+
+
+def test_interrupt_mid_stream(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model))
+    with requests.post(server.url + "/stream", json={"query": "hi", "temperature": 0}, stream=True) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+        assert requests.post(server.url + "/interrupt").json() == {"message": "OK", "success": True}
+        rest = b"\n".join(lines)
+    done = json.loads(rest.split(b"event: done\ndata: ")[1])
+    assert done["finish_reason"] == "interrupted"
+    assert done["completion_tokens"] < 100
+    assert json.loads(first[6:])[0]
+
+
+def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model))
+    first = requests.post(server.url + "/stream", json={"query": "a", "max_length": 120}, stream=True)
+    second = requests.post(server.url + "/stream", json={"query": "b", "max_length": 120}, stream=True)
+    job_id = second.headers["X-Job-Id"]  # sent at once, before the job starts
+    assert server.engine.running_id == first.headers["X-Job-Id"]
+    r = requests.post(server.url + "/interrupt", json={"id": job_id})
+    assert r.json() == {"message": "OK", "success": True}
+    events = parse_sse(second.content)
+    assert events == [("done", {**events[0][1], "finish_reason": "interrupted", "completion_tokens": 0})]
+    assert parse_sse(first.content)[-1][1]["finish_reason"] == "length"  # the running one went on
+    r = requests.post(server.url + "/interrupt", json={"id": job_id})
+    assert r.status_code == 404 and r.json()["success"] is False and "no queued or running job" in r.json()["message"]
+
+
+def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model))
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"query": "hi", "temperature": 0}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    seen = b""
+    for _ in range(20):  # headers, the opening comment, then the first token's event
+        seen += sock.recv(4096)
+        if b"data: " in seen:
+            break
+    assert b"data: " in seen
+    job_id = server.engine.running_id
+    assert job_id
+    sock.close()
+    deadline = time.time() + 5
+    while server.engine.running_id == job_id and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.engine.running_id is None  # cancelled, not generating 200 tokens for nobody
+
+
+def test_four_concurrent_streams_complete_in_order(server, engine):
+    results, threads = {}, []
+    expected = {i: engine.submit(GenerationRequest(query=f"问题{i}", max_length=60, temperature=0)).wait().text
+                for i in range(4)}
+
+    def run(i):
+        r = requests.post(server.url + "/stream", json={"query": f"问题{i}", "max_length": 60, "temperature": 0})
+        *updates, (_, done) = parse_sse(r.content)
+        results[i] = (updates[-1][1][0], done, time.perf_counter())
+
+    for i in range(4):
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.05)  # submitted in this order
+    for t in threads:
+        t.join(timeout=60)
+    assert {i: results[i][0] for i in range(4)} == expected
+    assert all(results[i][1]["finish_reason"] == "length" for i in range(4))
+    finish_times = [results[i][2] for i in range(4)]
+    assert finish_times == sorted(finish_times)
+
+
+def test_tokenize_counts_and_lists_pieces(server, tiny_model):
+    r = requests.post(server.url + "/tokenize", json={"text": "hello world 你好"})
+    assert r.status_code == 200 and r.json() == {"len": len(tiny_model.tokenizer.pieces("hello world 你好"))}
+    r = requests.post(server.url + "/tokenize", json={"text": "hello world", "return_tokens": True})
+    assert r.json() == {"len": len(r.json()["tokens"]), "tokens": tiny_model.tokenizer.pieces("hello world")}
+
+
+def test_generate_streams_response_events(server, engine):
+    expected = engine.submit(GenerationRequest(query="hi", max_length=50, temperature=0)).wait().text
+    r = requests.post(server.url + "/generate", json={"query": "hi", "answer_prefix": "", "max_length": 50,
+                                                       "history": [], "top_p": 0.7, "temperature": 0, "stream": True})
+    events = parse_sse(r.content)
+    assert all(name is None and list(data) == ["response"] for name, data in events)
+    assert events[-1][1]["response"] == expected
+
+
+def test_generate_get_and_plain_text(server, engine):
+    expected = engine.submit(GenerationRequest(query="hi", history=[("a", "b")], max_length=50,
+                                               temperature=0)).wait().text
+    r = requests.get(server.url + "/generate", params={"query": "hi", "history": '[["a","b"]]', "max_length": "50",
+                                                       "temperature": "0", "stream": "false"})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert r.text == expected
+    r = requests.get(server.url + "/generate", params={"query": "hi", "max_length": "50", "temperature": "0",
+                                                       "stream": "1"})
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+
+
+def test_health_reports_the_model(server):
+    r = requests.get(server.url + "/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ready" and body["device"] == "cpu" and body["precision"] == "float32"
+    assert body["max_context"] == 256 and body["queue"] == 0 and body["version"]
+
+
+def test_loading_server_answers_at_once_and_refuses_generation(serve):
+    release = threading.Event()
+    engine = Engine()
+    server = serve(engine)
+    engine.load_in_background(lambda e: (release.wait(10), (_ for _ in ()).throw(RuntimeError("no weights")))[1])
+    assert requests.get(server.url + "/").status_code == 200
+    r = requests.get(server.url + "/health")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    r = requests.post(server.url + "/stream", json={"query": "hi"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "still loading" in r.json()["message"]
+    release.set()
+    deadline = time.time() + 5
+    while engine.state == "loading" and time.time() < deadline:
+        time.sleep(0.02)
+    r = requests.get(server.url + "/health")
+    assert r.status_code == 503 and r.json()["status"] == "error" and "no weights" in r.json()["error"]
+
+
+def test_busy_queue_is_refused_with_retry_after(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model, max_queue=1))
+    running = requests.post(server.url + "/stream", json={"query": "a", "max_length": 100}, stream=True)
+    waiting = requests.post(server.url + "/stream", json={"query": "b", "max_length": 100}, stream=True)
+    r = requests.post(server.url + "/stream", json={"query": "c"})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "5" and "busy" in r.json()["message"]
+    requests.post(server.url + "/interrupt", json={"id": waiting.headers["X-Job-Id"]})
+    requests.post(server.url + "/interrupt")
+    running.close()
+    waiting.close()
+
+
+def test_cors_preflight_and_headers(server):
+    r = requests.options(server.url + "/stream", headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code == 200
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert r.headers["Access-Control-Allow-Headers"] == "content-type"
+    assert "Access-Control-Allow-Credentials" not in r.headers
+    assert requests.get(server.url + "/", headers={"Origin": "http://x.test"}).headers[
+        "Access-Control-Allow-Origin"] == "*"
+
+
+def test_api_key_guards_everything_but_index_and_health(serve, engine):
+    server = serve(engine, api_key="s3cret")
+    assert requests.get(server.url + "/").status_code == 200
+    assert requests.get(server.url + "/health").status_code == 200
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"})
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["message"]
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    assert requests.options(server.url + "/tokenize").status_code == 200  # preflights carry no credentials
+
+
+def test_exposed_host_logs_a_warning(caplog):
+    from server.config import Settings
+    from server.serve import warn_if_exposed
+
+    warn_if_exposed(Settings(host="127.0.0.1"))
+    assert not caplog.records
+    warn_if_exposed(Settings(host="0.0.0.0"))
+    assert "other machines on the network" in caplog.text and "--api-key" in caplog.text
+
+
+def test_request_log_and_chat_log(server, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="server"):
+        requests.post(server.url + "/stream", json={"query": "记录我", "max_length": 40, "temperature": 0})
+        time.sleep(0.1)
+    line = next(r.getMessage() for r in caplog.records if r.name == "server.requests")
+    assert "/stream" in line and "finish=length" in line and "tok/s=" in line and "ttft=" in line
+    assert "记录我" not in line  # full texts only in the chat log
+    chat = next(r.getMessage() for r in caplog.records if r.name == "server.chatlog")
+    assert json.loads(chat)["query"] == "记录我"
