@@ -28,6 +28,31 @@ SIX_B = dict(hidden_size=4096, num_attention_heads=32, kv_channels=128, multi_qu
 REAL_TOKENIZER = ROOT.parent / "shared" / "chatglm2" / "tokenizer.model"
 
 
+def prepare_checkpoint(folder: Path | None, layers: int, device: str) -> Path:
+    """The bench checkpoint (written once into `folder`), with the machine and shape printed."""
+    import torch
+
+    from tests.checkpoint_factory import write_checkpoint
+
+    folder = folder or Path(tempfile.mkdtemp(prefix="bench-chatglm2-"))
+    if not (folder / "config.json").exists():
+        tokenizer = REAL_TOKENIZER if REAL_TOKENIZER.exists() else None
+        write_checkpoint(folder, num_layers=layers, shards=2, tokenizer=tokenizer, **SIX_B)
+    size = sum(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {device}")
+    print(f"checkpoint: ChatGLM2-6B shape, {layers} layers, {size:.2f} GB of float16 shards in {folder}")
+    return folder
+
+
+def plan_for_precision(precision: str, device: str):
+    from server.profiles import Plan
+
+    bits = int(precision) if precision.isdigit() else 16
+    dtype = precision if bits == 16 else ("float16" if device == "cuda" else "bfloat16")
+    return Plan(device, bits, dtype, 8192, "bench", "bench")
+
+
 def peak_rss_of(code: str) -> float:
     """Run `code` in a fresh Python and return its peak resident memory in GB."""
     probe = code + "\nimport resource, sys; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
@@ -84,17 +109,9 @@ def main() -> None:
 
     from server.engine import Engine
     from server.model import load_model
-    from server.profiles import Plan
-    from tests.checkpoint_factory import write_checkpoint
 
-    folder = args.dir or Path(tempfile.mkdtemp(prefix="bench-chatglm2-"))
-    if not (folder / "config.json").exists():
-        tokenizer = REAL_TOKENIZER if REAL_TOKENIZER.exists() else None
-        write_checkpoint(folder, num_layers=args.layers, shards=2, tokenizer=tokenizer, **SIX_B)
+    folder = prepare_checkpoint(args.dir, args.layers, args.device)
     size = sum(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {args.device}")
-    print(f"checkpoint: ChatGLM2-6B shape, {args.layers} layers, {size:.2f} GB of float16 shards in {folder}")
 
     load_code = ("from pathlib import Path; from server.model import load_model; from server.profiles import Plan;"
                  f"load_model(Path({str(folder)!r}), Plan('cpu', 16, 'bfloat16', 8192, 'bench', 'bench'))")
@@ -110,9 +127,7 @@ def main() -> None:
     print(f"{'precision':>10} {'bare tok/s':>11} {'engine tok/s':>13} {'ratio':>6} {'bare TTFT':>10} {'engine TTFT':>12}")
     results = {}
     for precision in args.precisions.split(","):
-        bits = int(precision) if precision.isdigit() else 16
-        dtype = precision if bits == 16 else ("float16" if args.device == "cuda" else "bfloat16")
-        loaded = load_model(folder, Plan(args.device, bits, dtype, 8192, "bench", "bench"))
+        loaded = load_model(folder, plan_for_precision(precision, args.device))
         prompt = loaded.tokenizer.build_prompt(query, [])
         engine = Engine()
         engine.attach(loaded)

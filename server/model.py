@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 # bitsandbytes warns on every 8-bit matmul that it casts bfloat16 inputs to float16: expected, and it floods logs.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# On CPUs with AVX512-BF16 bitsandbytes tries to fetch an optional kernel from the hub and warns when it cannot;
+# the built-in kernel it falls back to is the one bench/ measured, and the server never downloads code.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
