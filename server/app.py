@@ -22,6 +22,7 @@ OPEN_ROUTES = ("/", "/health")  # answered without the API key: a liveness check
 
 
 def create_app(settings: Settings, engine: Engine) -> Flask:
+    from .openai_api import bp as openai_bp
     from .seed_api import bp as seed_bp
 
     app = Flask(__name__)
@@ -31,6 +32,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     app.extensions["chatglm2.engine"] = engine
     app.extensions["chatglm2.settings"] = settings
     app.register_blueprint(seed_bp)
+    app.register_blueprint(openai_bp)
 
     @app.get("/health")
     def health():

@@ -37,14 +37,16 @@ class NotReady(Exception):
 
 @dataclass(frozen=True)
 class Update:
-    text: str  # the whole reply so far, answer prefix included
+    text: str  # the whole reply so far as ChatGLM2 shows it: answer prefix + cleaned generated text
     completion_tokens: int
+    generated: str = ""  # the raw generated text so far (after stop strings are cut), without the prefix
 
 
 @dataclass(frozen=True)
 class Finished:
     finish_reason: str  # stop, length, interrupted or error
     text: str
+    generated: str
     prompt_tokens: int
     completion_tokens: int
     dropped_rounds: int
@@ -231,7 +233,7 @@ class Engine:
                     text = req.answer_prefix + clean_reply(visible)
                     if text != shown:
                         shown = text
-                        job._emit(Update(text=text, completion_tokens=n_tokens))
+                        job._emit(Update(text=text, completion_tokens=n_tokens, generated=visible))
                     if hit:
                         reason = "stop"
                         break
@@ -244,18 +246,19 @@ class Engine:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         decoder.flush()
-        final = req.answer_prefix + clean_reply(apply_stop(decoder.text, req.stop)[0])
+        generated = apply_stop(decoder.text, req.stop)[0]
+        final = req.answer_prefix + clean_reply(generated)
         if final != shown:
-            job._emit(Update(text=final, completion_tokens=n_tokens))
+            job._emit(Update(text=final, completion_tokens=n_tokens, generated=generated))
         now = time.perf_counter()
         job._emit(Finished(
-            finish_reason=reason, text=final, prompt_tokens=len(job.prompt.ids), completion_tokens=n_tokens,
+            finish_reason=reason, text=final, generated=generated, prompt_tokens=len(job.prompt.ids), completion_tokens=n_tokens,
             dropped_rounds=job.prompt.dropped_rounds, seconds=now - job.submitted,
             first_token_seconds=None if first_token_at is None else first_token_at - job.submitted, error=error))
 
     def _finish_unstarted(self, job: Job, reason: str) -> None:
         job._emit(Finished(
-            finish_reason=reason, text=job.request.answer_prefix, prompt_tokens=len(job.prompt.ids),
+            finish_reason=reason, text=job.request.answer_prefix, generated="", prompt_tokens=len(job.prompt.ids),
             completion_tokens=0, dropped_rounds=job.prompt.dropped_rounds,
             seconds=time.perf_counter() - job.submitted, first_token_seconds=None))
 

@@ -59,6 +59,13 @@ def clean_reply(text: str) -> str:
     return text.strip().replace(TRAINING_DATE_PLACEHOLDER, TRAINING_DATE)
 
 
+def clean_continuation(text: str, prefilled: bool) -> str:
+    """The generated text as a continuation: like clean_reply, but after a prefill its leading space is kept
+    ("The answer is" + " 42"), since the caller joins the two."""
+    text = text.rstrip().replace(TRAINING_DATE_PLACEHOLDER, TRAINING_DATE)
+    return text if prefilled else text.lstrip()
+
+
 class StreamDecoder:
     """Turns generated ids into text one id at a time without re-decoding the whole reply.
 

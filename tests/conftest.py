@@ -86,8 +86,12 @@ class LiveServer:
         self.thread.start()
 
     def close(self):
-        self.server.close()
+        # closing every socket (kept-alive client connections too) ends waitress's loop
+        for channel in list(self.server._map.values()):
+            channel.close()
+        self.server.task_dispatcher.shutdown(timeout=5)
         self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "the test server did not stop"
 
 
 @pytest.fixture
