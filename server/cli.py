@@ -5,11 +5,34 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from .config import ENV_PREFIX, PROJECT_ROOT, Settings, UserError, from_env, parse_value, settings_fields
 
 log = logging.getLogger("server")
+LOG_PATH = PROJECT_ROOT / "server.log"
+
+
+def setup_logging() -> None:
+    """Info on the console; everything, tracebacks included, in server.log (what the launchers point to)."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO)
+    handlers = [console]
+    try:
+        file = RotatingFileHandler(LOG_PATH, maxBytes=5 * 1024 * 1024, backupCount=2, encoding="utf-8")
+        file.setLevel(logging.DEBUG)
+        handlers.append(file)
+    except OSError:  # a read-only folder: console only
+        pass
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # Chinese text on any console code page
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging()
     settings = settings_from(args)
     try:
         if args.command == "chat":
@@ -60,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(settings)
     except UserError as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        print(f"\n{exc}\n(详细日志 / details: {LOG_PATH})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -28,6 +28,13 @@ def option(default, help: str, choices=None, env: str | None = None):
 @dataclass
 class Settings:
     model_dir: Path = option(DEFAULT_MODEL_DIR, "model folder in the hub layout of THUDM/chatglm2-6b")
+    repo: str = option("THUDM/chatglm2-6b", "hub repository downloaded when the model folder lacks files")
+    revision: str = option("main", "branch, tag or commit of --repo to download")
+    mirror: str | None = option(None, "hub mirror for every download request, e.g. https://hf-mirror.com "
+                                      "(also the standard HF_ENDPOINT variable)", env="HF_ENDPOINT")
+    offline: bool = option(False, "never touch the network; missing files are an error that names them "
+                                  "(also HF_HUB_OFFLINE=1)", env="HF_HUB_OFFLINE")
+    verify: bool = option(False, "re-check every model file against the hub's checksums (downloads bad ones again)")
     profile: str = option(
         "auto",
         "VRAM profile: low = 4-bit (<= 8 GB cards), mid = 8-bit (~10-12 GB), high = 16-bit (>= 14 GB); "

@@ -44,7 +44,7 @@ def run_server(settings: Settings) -> int:
         chatlog.setLevel(logging.INFO)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
     server = make_server(create_app(settings, engine), settings)
-    engine.load_in_background(lambda _engine: load_for(settings))
+    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state))
     log.info("listening on http://%s:%s (the model loads in the background; see /health)",
              settings.host, server.effective_port)
     try:

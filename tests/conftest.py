@@ -82,16 +82,23 @@ class LiveServer:
         self.app = create_app(self.settings, engine)
         self.server = make_server(self.app, self.settings)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
+    def run(self):
+        """waitress's own loop, in short turns so that close() can end it from this thread."""
+        from waitress import wasyncore
+
+        while not self.stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+        wasyncore.close_all(self.server._map)  # kept-alive client connections too
+
     def close(self):
-        # closing every socket (kept-alive client connections too) ends waitress's loop
-        for channel in list(self.server._map.values()):
-            channel.close()
-        self.server.task_dispatcher.shutdown(timeout=5)
+        self.stopping.set()
         self.thread.join(timeout=10)
         assert not self.thread.is_alive(), "the test server did not stop"
+        self.server.task_dispatcher.shutdown(timeout=5)
 
 
 @pytest.fixture

@@ -78,10 +78,3 @@ def test_terminal_chat_streams_and_keeps_history(tiny_checkpoint):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("答 / ChatGLM2: ") == 2 and "history cleared" in proc.stdout
     assert "[length]" in proc.stdout
-
-
-def test_missing_model_is_a_clear_message_not_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "server", "chat", "--model-dir", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
-    assert proc.returncode == 1
-    assert "Model files are missing" in proc.stderr and "Traceback" not in proc.stderr
