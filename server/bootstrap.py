@@ -61,8 +61,12 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
             + MANUAL.format(repo=settings.repo, folder=folder))
     report = report or (lambda state, **detail: None)
     report("downloading", progress=0.0)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"无法创建模型文件夹 / Cannot create {folder}: {exc.strerror or exc}. "
+                            "Choose a folder you can write to with --model-dir.") from exc
     files, commit = remote_files(settings)
-    folder.mkdir(parents=True, exist_ok=True)
     todo = [f for f in files if not present(folder / f.name, f)]
     if settings.verify:
         todo += [f for f in files if f not in todo and not verified(folder / f.name, f)]

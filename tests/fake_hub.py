@@ -27,6 +27,7 @@ class FakeHub:
         self.corrupt: dict[str, int] = {}  # name -> how many more GETs send damaged bytes
         self.fail: dict[str, int] = {}  # name -> status answered to every later GET of it
         self.bytes_per_second: float | None = None
+        self.deny: int | None = None  # answer every request with this status (401, 403)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,6 +70,8 @@ class FakeHub:
         entry = {"method": req.command, "path": req.path, "range": req.headers.get("Range"), "sent": 0,
                  "agent": req.headers.get("User-Agent", "")}
         self.log.append(entry)
+        if self.deny:
+            return self.error(req, self.deny, None, "Access denied")
         path = req.path.split("?")[0]
         info = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
         resolve = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path)

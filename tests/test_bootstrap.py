@@ -160,6 +160,20 @@ def test_unknown_repository_is_a_404_message(hub, tmp_path):
         ensure_model(settings_for(hub, tmp_path / "m", repo="THUDM/no-such-model"))
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_access_denied_says_what_to_do(hub, tmp_path, status):
+    hub.deny = status
+    with pytest.raises(DownloadError, match=f"refused access.*{status}.*HF_TOKEN"):
+        ensure_model(settings_for(hub, tmp_path / "m"))
+
+
+def test_unwritable_model_folder_is_a_clear_message(hub, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DownloadError, match="Cannot create.*--model-dir"):
+        ensure_model(settings_for(hub, blocker / "chatglm2-6b"))
+
+
 def test_no_network_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(bootstrap, "RETRIES", 2)
     import socket
