@@ -19,11 +19,13 @@ from .validation import ApiError
 log = logging.getLogger(__name__)
 
 OPEN_ROUTES = ("/", "/health")  # answered without the API key: a liveness check reveals nothing
+OPEN_PREFIX = "/ui"  # the page itself; the API calls it makes carry the key
 
 
 def create_app(settings: Settings, engine: Engine) -> Flask:
     from .openai_api import bp as openai_bp
     from .seed_api import bp as seed_bp
+    from .web import bp as web_bp
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -33,6 +35,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     app.extensions["chatglm2.settings"] = settings
     app.register_blueprint(seed_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(web_bp)
 
     @app.get("/health")
     def health():
@@ -60,7 +63,8 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
 
 
 def check_api_key(api_key: str | None):
-    if not api_key or request.method == "OPTIONS" or request.path in OPEN_ROUTES:
+    if not api_key or request.method == "OPTIONS" or request.path in OPEN_ROUTES \
+            or request.path.startswith(OPEN_PREFIX):
         return None
     sent = request.headers.get("Authorization", "")
     if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):

@@ -58,6 +58,7 @@ class Settings:
     port: int = option(5178, "TCP port to listen on")
     api_key: str | None = option(None, "require 'Authorization: Bearer <key>' on every route but / and /health")
     max_body_bytes: int = option(2 * 1024 * 1024, "largest request body accepted, in bytes")
+    open_browser: bool = option(False, "open the chat page /ui/ in the default browser once the server listens")
     chatlog: bool = option(True, "write full queries and replies to chatlog.log (--no-chatlog turns it off)")
 
     def replace(self, **changes) -> "Settings":

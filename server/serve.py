@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import webbrowser
 from logging.handlers import RotatingFileHandler
 
 import waitress
@@ -45,13 +46,22 @@ def run_server(settings: Settings) -> int:
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
     server = make_server(create_app(settings, engine), settings)
     engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state))
-    log.info("listening on http://%s:%s (the model loads in the background; see /health)",
-             settings.host, server.effective_port)
+    url = f"http://{browser_host(settings.host)}:{server.effective_port}"
+    log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
+    if settings.open_browser:
+        webbrowser.open(url + "/ui/")  # the page shows download and loading progress itself
     try:
         server.run()
     finally:
         engine.close()
     return 0
+
+
+def browser_host(host: str) -> str:
+    """An address a browser on this machine can open for a listening host."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def warn_if_exposed(settings: Settings) -> None:

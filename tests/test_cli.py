@@ -78,3 +78,27 @@ def test_terminal_chat_streams_and_keeps_history(tiny_checkpoint):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("答 / ChatGLM2: ") == 2 and "history cleared" in proc.stdout
     assert "[length]" in proc.stdout
+
+
+def test_open_browser_opens_the_chat_page_once_listening(tmp_path):
+    """The default browser is whatever $BROWSER names: here a command that writes down the address."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opened = tmp_path / "opened.txt"
+    env = {**os.environ, "BROWSER": f"{sys.executable} -c \"import sys; open(r'{opened}', 'w').write(sys.argv[1])\" %s"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--open-browser", "--offline",
+                             "--no-chatlog", "--model-dir", str(tmp_path / "none")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not opened.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert opened.read_text() == f"http://127.0.0.1:{port}/ui/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

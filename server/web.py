@@ -1,0 +1,109 @@
+"""The built-in browser client at /ui/: static files, Markdown rendering on the server, the app manifest and icons.
+
+Markdown is rendered here with markdown-it-py (raw HTML disabled, so model output can never inject markup) and
+Pygments, so the page needs no JavaScript build step and no third-party code.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, redirect, request, send_from_directory
+from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
+from pygments.util import ClassNotFound
+
+from .validation import json_body, text
+
+STATIC = Path(__file__).resolve().parent / "webui"
+MAX_RENDER_CHARS = 200_000
+
+bp = Blueprint("web", __name__, url_prefix="/ui")
+
+
+def highlight_code(code: str, lang: str, _attrs) -> str:
+    try:
+        lexer = get_lexer_by_name(lang) if lang else None
+    except ClassNotFound:
+        lexer = None
+    if lexer is None:
+        return ""  # markdown-it escapes and wraps it
+    return highlight(code, lexer, HtmlFormatter(nowrap=True, classprefix="hl-"))
+
+
+MARKDOWN = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code}).enable(["table", "strikethrough"])
+
+
+def render_markdown(source: str) -> str:
+    return MARKDOWN.render(source)
+
+
+@bp.get("/")
+def page():
+    return send_from_directory(STATIC, "index.html", max_age=0)
+
+
+@bp.get("")
+def page_without_slash():
+    return redirect("/ui/", code=308)
+
+
+@bp.get("/<path:name>")
+def static_file(name: str):
+    return send_from_directory(STATIC, name, max_age=0)
+
+
+@bp.post("/render")
+def render():
+    source = text(json_body(request), "text", required=True)[:MAX_RENDER_CHARS]
+    return jsonify({"html": render_markdown(source)})
+
+
+@bp.get("/pygments.css")
+def pygments_css():
+    light = HtmlFormatter(style="friendly", classprefix="hl-").get_style_defs(".md pre")
+    dark = HtmlFormatter(style="monokai", classprefix="hl-").get_style_defs(".md pre")
+    css = f"{light}\n@media (prefers-color-scheme: dark) {{\n{dark}\n}}\n"
+    return Response(css, content_type="text/css; charset=utf-8")
+
+
+@bp.get("/icon-<int:size>.png")
+def icon(size: int):
+    if size not in (192, 512):
+        return jsonify({"success": False, "message": "icons come in 192 and 512 pixels"}), 404
+    return Response(icon_png(size), content_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@lru_cache(maxsize=2)
+def icon_png(size: int) -> bytes:
+    """The app icon, drawn here: a white speech bubble on a blue rounded square."""
+    rows = []
+    r = size * 0.22  # corner radius of the square
+    for y in range(size):
+        row = bytearray([0])  # PNG filter byte
+        for x in range(size):
+            cx, cy = min(max(x, r), size - r), min(max(y, r), size - r)
+            inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+            bx, by = (x - size * 0.5) / (size * 0.3), (y - size * 0.45) / (size * 0.22)
+            bubble = bx * bx + by * by <= 1 or (size * 0.3 < x < size * 0.45 and size * 0.55 < y < size * 0.75
+                                                 and (x - size * 0.3) > (y - size * 0.55) * 0.75)
+            if not inside:
+                row += b"\x00\x00\x00\x00"
+            elif bubble:
+                row += b"\xff\xff\xff\xff"
+            else:
+                shade = int(200 - 60 * y / size)
+                row += bytes([37, 99, shade, 255])
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) \
+        + chunk(b"IEND", b"")

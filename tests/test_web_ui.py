@@ -1,0 +1,337 @@
+"""The browser client, end to end: real Chromium (Playwright) against the real server with the tiny model.
+
+Screenshots of the main states go to tests/artifacts/.
+"""
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+IDLE = "!document.querySelector('#send').classList.contains('stop')"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+CONTEXT = 96  # short replies keep the suite quick
+
+
+@pytest.fixture
+def slow_model(tiny_model, monkeypatch):
+    """The tiny model with a small context, at a real model's pace, so a reply can be watched and stopped."""
+    forward = tiny_model.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "forward", slow)
+    return dataclasses.replace(tiny_model, plan=dataclasses.replace(tiny_model.plan, max_context=CONTEXT))
+
+
+class UI:
+    def __init__(self, browser, server, **context):
+        self.server = server
+        self.context = browser.new_context(accept_downloads=True, **context)
+        self.page = self.context.new_page()
+        self.dialogs = []
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.streams = []  # the JSON bodies the page sent to /stream
+        self.page.on("request", lambda r: self.streams.append(r.post_data_json) if r.url.endswith("/stream") else None)
+        self.page.goto(server.url + "/ui/")
+        self.page.wait_for_selector("#conv-list li")
+
+    def send(self, text, prefix=None, wait=True):
+        if prefix is not None:
+            self.page.fill("#prefix", prefix)
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+        if wait:
+            self.idle()
+
+    def idle(self):
+        self.page.wait_for_function(IDLE, timeout=60000)
+
+    def greedy(self):
+        """Temperature 0 through the advanced panel's slider."""
+        self.page.click("#toggle-advanced")
+        self.page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+
+    def bot_texts(self):
+        return self.page.eval_on_selector_all(".msg.bot .body", "els => els.map(e => e.textContent)")
+
+    def shot(self, name):
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+@pytest.fixture
+def ui(browser, serve, engine_for, slow_model):
+    made = []
+
+    def make(engine=None, **context):
+        server = serve(engine or engine_for(slow_model))
+        made.append(UI(browser, server, **context))
+        return made[-1]
+
+    yield make
+    for u in made:
+        u.context.close()
+
+
+def test_send_streams_the_reply_progressively(ui, engine_for, tiny_model):
+    u = ui()
+    u.greedy()
+    u.page.evaluate("""() => { window.seen = [];
+        new MutationObserver(() => { const b = document.querySelector('.msg.bot .body');
+            if (b) window.seen.push(b.textContent); })
+        .observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true}); }""")
+    u.send("你好")
+    seen = u.page.evaluate("window.seen")
+    assert len(set(seen)) >= 20  # many partial replies, not one at the end
+    assert u.streams[-1] == {"query": "你好", "history": [], "answer_prefix": "", "max_length": CONTEXT,
+                             "top_p": 0.7, "temperature": 0}
+    from server.budget import GenerationRequest
+    expected = engine_for(tiny_model).submit(GenerationRequest(query="你好", max_length=CONTEXT, temperature=0)).wait()
+    assert u.bot_texts()[-1].strip() == expected.text  # rendered Markdown ends with a newline
+    assert "tokens/s" in u.page.inner_text("#status")
+    u.shot("chat")
+
+
+def test_stop_mid_reply(ui):
+    u = ui()
+    u.send("hi", wait=False)
+    u.page.wait_for_function("document.querySelector('.msg.bot .body')?.textContent.length > 3")
+    u.page.click("#send")  # the send button is the stop button while generating
+    u.idle()
+    assert "已停止" in u.page.inner_text("#status")
+    assert u.server.engine.running_id is None
+    u.send("again", wait=False)
+    u.page.wait_for_function("document.querySelectorAll('.msg.bot').length == 2")
+    u.page.keyboard.press("Escape")
+    u.idle()
+    assert "已停止" in u.page.inner_text("#status")
+
+
+def test_regenerate_amend_revert(ui):
+    u = ui()
+    u.send("第一个问题")
+    u.send("第二个问题", prefix="好的，")
+    u.page.click("#regenerate")
+    u.idle()
+    assert u.streams[-1]["query"] == "第二个问题" and u.streams[-1]["answer_prefix"] == "好的，"
+    assert len(u.streams[-1]["history"]) == 1
+    u.page.click("#amend")
+    assert u.page.input_value("#input") == "第二个问题" and u.page.input_value("#prefix") == "好的，"
+    assert len(u.bot_texts()) == 1
+    u.page.click("#revert")
+    assert u.bot_texts() == []
+
+
+def test_edited_answer_is_what_the_next_request_sends(ui):
+    u = ui()
+    u.send("Q1")
+    u.page.click(".msg.bot .edit")
+    u.page.fill(".edit-area", "我改过的回答")
+    u.page.click(".pair-actions .save")
+    u.page.click(".msg.user .edit")
+    u.page.fill(".edit-area", "改过的问题")
+    u.page.click(".pair-actions .save")
+    u.send("Q2")
+    assert u.streams[-1]["history"] == [["改过的问题", "我改过的回答"]]
+
+
+def test_answer_prefix_leads_the_reply(ui):
+    u = ui()
+    u.send("写一首诗", prefix="春眠不觉晓，")
+    assert u.bot_texts()[-1].startswith("春眠不觉晓，")
+    assert u.streams[-1]["answer_prefix"] == "春眠不觉晓，"
+
+
+def test_reload_keeps_everything(ui):
+    u = ui()
+    u.send("记住我")
+    u.page.click("#style-precise")
+    u.page.click("#new-conv")
+    u.send("第二个对话")
+    before = u.page.eval_on_selector_all("#conv-list li .title span:first-child", "els => els.map(e => e.textContent)")
+    u.page.reload()
+    u.page.wait_for_selector(".msg.bot")
+    after = u.page.eval_on_selector_all("#conv-list li .title span:first-child", "els => els.map(e => e.textContent)")
+    assert after == before == ["第二个对话", "记住我"]
+    u.page.click("#conv-list li:nth-child(2)")
+    assert u.page.inner_text(".msg.user .body") == "记住我"
+    assert "on" in u.page.get_attribute("#style-precise", "class")
+
+
+def test_export_import_round_trip(ui, tmp_path):
+    u = ui()
+    u.send("导出我")
+    with u.page.expect_download() as download:
+        u.page.click("#export-all")
+    path = tmp_path / "export.json"
+    download.value.save_as(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["convs"][0]["pairs"][0]["q"] == "导出我"
+    with u.page.expect_download() as md:
+        u.page.click("#export-md")
+    md_path = tmp_path / "one.md"
+    md.value.save_as(md_path)
+    assert "导出我" in md_path.read_text(encoding="utf-8")
+
+    fresh = ui()  # a new browser profile: empty store
+    assert fresh.bot_texts() == []
+    fresh.page.set_input_files("#import-file", str(path))
+    fresh.page.wait_for_selector(".msg.bot")
+    assert fresh.page.inner_text(".msg.user .body") == "导出我"
+    assert fresh.bot_texts() == u.bot_texts()
+
+
+def test_conversation_list_rename_duplicate_delete_undo_reorder(ui):
+    u = ui()
+    u.send("甲")
+    u.page.click("#new-conv")
+    u.send("乙")
+    titles = lambda: u.page.eval_on_selector_all("#conv-list li .title span:first-child",  # noqa: E731
+                                                 "els => els.map(e => e.textContent)")
+    assert titles() == ["乙", "甲"]
+    assert "甲" in u.page.inner_text("#conv-list li:nth-child(2) .preview") or u.page.inner_text(
+        "#conv-list li:nth-child(2) .preview")
+    u.page.click("#conv-list li:nth-child(1) .rename")
+    u.page.fill(".rename-input", "改名了")
+    u.page.press(".rename-input", "Enter")
+    assert titles() == ["改名了", "甲"]
+    u.page.click("#conv-list li:nth-child(2) .duplicate")
+    assert titles() == ["改名了", "甲", "甲 (2)"]
+    u.page.click("#conv-list li:nth-child(3) .delete")
+    assert titles() == ["改名了", "甲"]
+    u.page.click("#toast-action")  # undo
+    assert titles() == ["改名了", "甲", "甲 (2)"]
+    u.page.drag_and_drop("#conv-list li:nth-child(3)", "#conv-list li:nth-child(1)")
+    assert titles() == ["甲 (2)", "改名了", "甲"]
+    u.page.reload()
+    u.page.wait_for_selector("#conv-list li")
+    assert titles() == ["甲 (2)", "改名了", "甲"]
+
+
+def test_mobile_viewport_uses_a_drawer(ui):
+    u = ui(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    u.send("手机上")
+    sidebar_left = lambda: u.page.eval_on_selector("#sidebar", "e => e.getBoundingClientRect().right")  # noqa: E731
+    assert sidebar_left() <= 0  # hidden off-screen
+    assert u.page.is_visible("#open-drawer")
+    u.page.click("#open-drawer")
+    u.page.wait_for_function("document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
+    u.shot("mobile-drawer")
+    u.page.click("#new-conv")
+    u.page.wait_for_function("document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
+    assert u.page.is_visible("#input")
+
+
+def test_html_in_model_output_is_text_never_markup(ui):
+    u = ui()
+    attack = "<img src=x onerror=alert(1)>"
+    u.send("hi", prefix=attack)
+    u.page.wait_for_timeout(500)  # the Markdown render of the finished answer has landed
+    assert u.bot_texts()[-1].startswith(attack)
+    assert u.page.eval_on_selector_all("#messages img", "els => els.length") == 0
+    u.page.reload()
+    u.page.wait_for_selector(".msg.bot")
+    u.page.wait_for_timeout(500)
+    assert u.page.eval_on_selector_all("#messages img", "els => els.length") == 0
+    assert u.dialogs == []
+
+
+def test_markdown_code_tables_and_copy(ui, tmp_path):
+    u = ui()
+    answer = "看代码：\n\n```python\nprint('hi')\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- 一\n- 二"
+    path = tmp_path / "md.json"
+    path.write_text(json.dumps({"convs": [{"title": "md", "pairs": [{"q": "q", "a": answer}]}]}), encoding="utf-8")
+    u.page.set_input_files("#import-file", str(path))
+    u.page.wait_for_selector(".md pre .copy")
+    assert u.page.eval_on_selector(".md pre code", "e => e.querySelectorAll('span').length") > 0  # highlighted
+    assert u.page.inner_text(".md table td") == "1"
+    assert u.page.eval_on_selector_all(".md li", "els => els.length") == 2
+
+
+def test_error_banners_busy_overflow_offline(ui, engine_for, slow_model):
+    u = ui(engine_for(slow_model, max_queue=0))  # every request finds the queue full
+    u.send("排队")
+    assert "服务器忙" in u.page.inner_text("#banner")
+    assert u.page.input_value("#input") == "排队" and u.bot_texts() == []  # nothing lost
+    u.page.fill("#input", "hello world " * 200)
+    u.page.press("#input", "Enter")
+    u.idle()
+    assert "问题太长" in u.page.inner_text("#banner") and f"（上下文 {CONTEXT}）" in u.page.inner_text("#banner")
+    u.shot("error-banner")
+    u.server.close()  # the server goes away mid-session
+    u.page.wait_for_function("document.querySelector('#banner-text').textContent.includes('无法连接')",
+                             timeout=15000)
+
+
+def test_loading_state_is_shown(browser, serve):
+    from server.engine import Engine
+
+    engine = Engine()
+    engine.set_state("downloading", progress=0.25)
+    u = UI(browser, serve(engine))
+    u.page.wait_for_function("document.querySelector('#banner-text').textContent.includes('25.0%')")
+    engine.set_state("error", error="missing config.json")
+    u.page.wait_for_function("document.querySelector('#banner-text').textContent.includes('missing config.json')")
+    u.context.close()
+
+
+def test_broken_store_does_not_brick_the_page(ui):
+    u = ui()
+    u.page.evaluate("localStorage.setItem('chatglm2.state.v1', '{broken')")
+    u.page.reload()
+    u.page.wait_for_selector("#conv-list li")
+    assert "损坏" in u.page.inner_text("#banner")
+    u.page.evaluate("localStorage.setItem('chatglm2.state.v1', JSON.stringify({convs: [{pairs: 'x'}, "
+                    "{title: 7, pairs: [{q: 'ok', a: 'fine'}, {q: 1}]}], active: 'nope'}))")
+    u.page.reload()
+    u.page.wait_for_selector(".msg.user")
+    assert u.page.inner_text(".msg.user .body") == "ok"
+    u.send("still works")
+    assert len(u.bot_texts()) == 2
+
+
+def test_english_switch_and_context_meter(ui):
+    u = ui()
+    u.page.wait_for_function(f"document.querySelector('#meter-text').textContent.includes('/ {CONTEXT} tokens')")
+    u.page.click("#lang")
+    assert u.page.inner_text("#send") == "Send" and u.page.inner_text("#new-conv") == "+ New chat"
+    for i in range(3):
+        u.send(f"question number {i} hello world")
+    u.page.fill("#input", "x")
+    u.page.wait_for_function("document.querySelector('#meter').classList.contains('warn')")
+    assert "oldest rounds will be dropped" in u.page.inner_text("#meter-text")
+    u.send("one more")
+    assert u.page.eval_on_selector_all(".msg.user.dropped", "els => els.length") > 0
+
+
+def test_manifest_and_icons_make_it_installable(server):
+    manifest = requests.get(server.url + "/ui/manifest.webmanifest").json()
+    assert manifest["display"] == "standalone" and manifest["start_url"] == "/ui/"
+    for icon in manifest["icons"]:
+        r = requests.get(server.url + icon["src"])
+        size = int(icon["sizes"].split("x")[0])
+        assert r.headers["Content-Type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(r.content[16:20], "big") == size
+    assert requests.get(server.url + "/").json() == {"message": "Server started", "success": True}
