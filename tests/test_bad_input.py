@@ -7,7 +7,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-SEED_ROUTES = ["/stream", "/generate", "/tokenize", "/interrupt"]
+SEED_ROUTES = ["/stream", "/generate", "/tokenize", "/interrupt", "/ui/render"]
 
 
 def assert_seed_error(r, status, *words):
@@ -66,6 +66,12 @@ def test_json_sent_as_text_plain_is_accepted(server):
     """What a browser's fetch sends for a string body without headers (no CORS preflight needed)."""
     r = requests.post(server.url + "/tokenize", data=json.dumps({"text": "hi"}), headers={"Content-Type": "text/plain"})
     assert r.status_code == 200 and r.json()["len"] >= 1
+
+
+def test_render_needs_text(server):
+    assert_seed_error(requests.post(server.url + "/ui/render", json={}), 400, "'text' is required")
+    r = requests.post(server.url + "/ui/render", json={"text": "**b** <script>x</script>"})
+    assert r.json() == {"html": "<p><strong>b</strong> &lt;script&gt;x&lt;/script&gt;</p>\n"}
 
 
 def test_tokenize_needs_text(server):
