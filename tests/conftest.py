@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,19 @@ def eos_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     return load_model(tiny_checkpoint, cpu_plan())
+
+
+@pytest.fixture
+def slow_model(tiny_model, monkeypatch):
+    """The tiny model at a real model's pace (each forward pass 15 ms longer), so a reply can be watched and stopped."""
+    forward = tiny_model.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.015)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "forward", slow)
+    return tiny_model
 
 
 @pytest.fixture

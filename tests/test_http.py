@@ -60,17 +60,12 @@ def dechunk(received):
     return head.decode(), chunks
 
 
-@pytest.fixture
-def slow_model(tiny_model, monkeypatch):
-    """The tiny model at the pace of a real one: each forward pass takes 20 ms longer."""
-    forward = tiny_model.model.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_model.model, "forward", slow)
-    return tiny_model
+def wait_until_running(engine, timeout=10):
+    """The worker took the job: the queue is empty again (bounded wait)."""
+    deadline = time.time() + timeout
+    while engine.running_id is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running_id is not None
 
 
 def test_index_is_the_seed_contract(server):
@@ -142,6 +137,7 @@ def test_interrupt_mid_stream(serve, engine_for, slow_model):
 def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
     server = serve(engine_for(slow_model))
     first = requests.post(server.url + "/stream", json={"query": "a", "max_length": 120}, stream=True)
+    wait_until_running(server.engine)
     second = requests.post(server.url + "/stream", json={"query": "b", "max_length": 120}, stream=True)
     job_id = second.headers["X-Job-Id"]  # sent at once, before the job starts
     assert server.engine.running_id == first.headers["X-Job-Id"]
@@ -176,22 +172,33 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
     assert server.engine.running_id is None  # cancelled, not generating 200 tokens for nobody
 
 
-def test_four_concurrent_streams_complete_in_order(server, engine):
-    results, threads = {}, []
+def test_four_concurrent_streams_complete_in_order(serve, engine_for, tiny_model, monkeypatch):
+    engine = engine_for(tiny_model)
     expected = {i: engine.submit(GenerationRequest(query=f"问题{i}", max_length=60, temperature=0)).wait().text
                 for i in range(4)}
+    gate = threading.Event()  # holds the first job in the model until all four are queued
+    forward = tiny_model.model.forward
+    monkeypatch.setattr(tiny_model.model, "forward", lambda *a, **k: (gate.wait(10), forward(*a, **k))[1])
+    server = serve(engine)
+    results, threads = {}, []
 
     def run(i):
         r = requests.post(server.url + "/stream", json={"query": f"问题{i}", "max_length": 60, "temperature": 0})
         *updates, (_, done) = parse_sse(r.content)
         results[i] = (updates[-1][1][0], done, time.perf_counter())
 
-    for i in range(4):
-        threads.append(threading.Thread(target=run, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.05)  # submitted in this order
-    for t in threads:
-        t.join(timeout=60)
+    try:
+        for i in range(4):
+            threads.append(threading.Thread(target=run, args=(i,)))
+            threads[-1].start()
+            deadline = time.time() + 10  # submitted in this order: wait until the server has this one
+            while engine.queue_length + (engine.running_id is not None) < i + 1 and time.time() < deadline:
+                time.sleep(0.005)
+        gate.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        gate.set()
     assert {i: results[i][0] for i in range(4)} == expected
     assert all(results[i][1]["finish_reason"] == "length" for i in range(4))
     finish_times = [results[i][2] for i in range(4)]
@@ -255,6 +262,7 @@ def test_loading_server_answers_at_once_and_refuses_generation(serve):
 def test_busy_queue_is_refused_with_retry_after(serve, engine_for, slow_model):
     server = serve(engine_for(slow_model, max_queue=1))
     running = requests.post(server.url + "/stream", json={"query": "a", "max_length": 100}, stream=True)
+    wait_until_running(server.engine)
     waiting = requests.post(server.url + "/stream", json={"query": "b", "max_length": 100}, stream=True)
     r = requests.post(server.url + "/stream", json={"query": "c"})
     assert r.status_code == 429 and r.headers["Retry-After"] == "5" and "busy" in r.json()["message"]

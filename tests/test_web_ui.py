@@ -33,16 +33,9 @@ CONTEXT = 96  # short replies keep the suite quick
 
 
 @pytest.fixture
-def slow_model(tiny_model, monkeypatch):
-    """The tiny model with a small context, at a real model's pace, so a reply can be watched and stopped."""
-    forward = tiny_model.model.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.01)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_model.model, "forward", slow)
-    return dataclasses.replace(tiny_model, plan=dataclasses.replace(tiny_model.plan, max_context=CONTEXT))
+def slow_model(slow_model):
+    """The slowed tiny model with a small context, so replies stay short."""
+    return dataclasses.replace(slow_model, plan=dataclasses.replace(slow_model.plan, max_context=CONTEXT))
 
 
 class UI:
