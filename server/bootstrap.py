@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Settings, UserError
-from .convert import CACHE_NAME, missing_files
+from .checkpoint import CACHE_NAME, missing_files
 
 log = logging.getLogger(__name__)
 

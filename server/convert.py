@@ -21,12 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .checkpoint import CACHE_NAME, missing_files, weight_files
+
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
-CACHE_NAME = "converted"
-INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
-SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
 
 
 class ConversionError(Exception):
@@ -121,30 +120,6 @@ def expected_names(config: dict) -> set[str]:
 
 
 # -- source files ----------------------------------------------------------------------------------------------
-def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's weight files: the shards an index names, or a single file."""
-    for index_name in INDEX_NAMES:
-        index = model_dir / index_name
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            return [model_dir / s for s in shards]
-    for single in SINGLE_NAMES:
-        if (model_dir / single).exists():
-            return [model_dir / single]
-    return []
-
-
-def missing_files(model_dir: Path) -> list[str]:
-    """Files the loader needs that the folder lacks (weights are listed by the index when there is one)."""
-    needed = ["config.json", "tokenizer.model"]
-    missing = [n for n in needed if not (model_dir / n).exists()]
-    files = weight_files(model_dir)
-    if not files:
-        missing.append(INDEX_NAMES[0] + " (or another weight index / single weight file)")
-    missing += [f.name for f in files if not f.exists()]
-    return missing
-
-
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one shard, one at a time; memory-mapped so the shard is not read into RAM at once."""
     if path.suffix == ".safetensors":

@@ -15,14 +15,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from .config import UserError
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
-from .generate import Sampling, generate_ids, vocabulary_mask
-from .model import LoadedModel
+from .config import UserError
 from .tokenizer import clean_reply
+
+if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
+    from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Engine:
         self._lock = threading.Condition()
         self._closed = False
         self._worker: threading.Thread | None = None
-        self._mask: torch.Tensor | None = None
+        self._mask = None  # added to logits: bans ids the tokenizer cannot show
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def load_in_background(self, loader: Callable[["Engine"], LoadedModel]) -> threading.Thread:
@@ -124,6 +124,8 @@ class Engine:
 
     def attach(self, loaded: LoadedModel) -> None:
         """Take a loaded model and start the worker."""
+        from .generate import vocabulary_mask
+
         self.loaded = loaded
         tok = loaded.tokenizer
         self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.eos_id, loaded.device)
@@ -213,6 +215,10 @@ class Engine:
                     self._running = None
 
     def _run(self, job: Job) -> None:
+        import torch
+
+        from .generate import Sampling, generate_ids
+
         loaded = self.loaded
         tok = loaded.tokenizer
         req = job.request

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from .config import Settings, UserError
 from .bootstrap import Report, ensure_model
-from .convert import ConversionError
-from .model import LoadedModel, ModelLoadError, load_model
+from .config import Settings, UserError
 from .profiles import plan_for, probe_hardware
 
 log = logging.getLogger(__name__)
 
 
-def load_for(settings: Settings, report: Report | None = None) -> LoadedModel:
-    """Download what is missing (first start), then plan, convert once and load."""
+def load_for(settings: Settings, report: Report | None = None):
+    """Download what is missing (first start), then plan, convert once and load (-> LoadedModel)."""
     ensure_model(settings, report)
+    from .convert import ConversionError  # the model stack (torch, transformers) is imported from here on
+    from .model import ModelLoadError, load_model
+
     model_dir = settings.model_dir
     try:
         plan = plan_for(settings, probe_hardware())

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sentencepiece
-
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 EOS_ID = 2
 TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
@@ -18,6 +16,8 @@ TRAINING_DATE = "2023年"
 
 class ChatGLM2Tokenizer:
     def __init__(self, model_file: str | Path):
+        import sentencepiece  # here, not at import: the HTTP layer imports this module before any model
+
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.n_pieces = self.sp.get_piece_size()
         self.special_ids = {name: self.n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}

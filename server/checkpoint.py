@@ -1,0 +1,35 @@
+"""The files of a ChatGLM2 checkpoint folder (hub layout). Light on purpose: no torch, so the server can answer
+HTTP (and say what is missing) before the model stack is imported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
+SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
+CACHE_NAME = "converted"  # where convert.py keeps the native-layout copy
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards an index names, or a single file."""
+    for index_name in INDEX_NAMES:
+        index = model_dir / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [model_dir / s for s in shards]
+    for single in SINGLE_NAMES:
+        if (model_dir / single).exists():
+            return [model_dir / single]
+    return []
+
+
+def missing_files(model_dir: Path) -> list[str]:
+    """Files the loader needs that the folder lacks (weights are listed by the index when there is one)."""
+    needed = ["config.json", "tokenizer.model"]
+    missing = [n for n in needed if not (model_dir / n).exists()]
+    files = weight_files(model_dir)
+    if not files:
+        missing.append(INDEX_NAMES[0] + " (or another weight index / single weight file)")
+    missing += [f.name for f in files if not f.exists()]
+    return missing
