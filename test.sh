@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The browser tests drive Debian's Chromium; a CJK font makes their screenshots readable. Installed when we can
-# (root with apt-get, as in CI); without Chromium those tests are skipped with the reason.
+# The browser tests drive Debian's Chromium (a CJK font makes their screenshots readable), the bundle tests run
+# the launchers under Debian's wine. Installed when we can (root with apt-get, as in CI); without them those
+# tests are skipped with the reason.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     missing=""
     command -v chromium >/dev/null 2>&1 || missing="chromium"
+    command -v wine >/dev/null 2>&1 || missing="$missing wine"  # runs the Windows launchers in tests
     [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || missing="$missing fonts-wqy-zenhei"
     if [ -n "$missing" ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
@@ -23,3 +25,13 @@ python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -r requirements.txt -r requirements-dev.txt
 
 python -m pytest "$@"
+
+# The Windows bundle (Python 3.10) pins an older transformers: run the model tests again with that version.
+bundle_transformers=$(grep -oE '^transformers==[0-9.]+' packaging/win-py310.lock)
+python3 -m venv .venv-bundle
+.venv-bundle/bin/python -m pip install -q --upgrade pip
+.venv-bundle/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv-bundle/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt "$bundle_transformers"
+echo "model tests again with $bundle_transformers (the bundle's)"
+.venv-bundle/bin/python -m pytest -q tests/test_convert.py tests/test_engine.py tests/test_tokenizer.py \
+    tests/test_http.py tests/test_openai_api.py "$@"

