@@ -41,7 +41,8 @@ def plan(root: Path, python: str, gpu: bool, pip_present: bool, index_url: str |
          torch_index: str | None) -> list[list[str]]:
     """The commands that install the requirements, in order."""
     wheels = root / "wheels"
-    offline = wheels.is_dir() and any(wheels.glob("*.whl"))
+    # offline when the bundle carries the packages themselves, not only the pip wheel every bundle has
+    offline = wheels.is_dir() and any(not w.name.startswith("pip-") for w in wheels.glob("*.whl"))
     commands = []
     if not pip_present:
         bundled = sorted(wheels.glob("pip-*.whl")) if wheels.is_dir() else []

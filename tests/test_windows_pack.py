@@ -64,6 +64,11 @@ def test_launcher_parses(name):
     assert not bad(tree.root_node), str(tree.root_node)
 
 
+def test_shell_scripts_parse():
+    for script in ("start.sh", "test.sh", ".ci/run"):
+        assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0, script
+
+
 def test_pth_keeps_the_interpreter_isolated():
     assert build_pack.pth_lines("3.10") == ["python310.zip", ".", "..\\..", "Lib\\site-packages", "import site"]
 
@@ -77,17 +82,17 @@ def test_lock_is_for_windows_python_310_with_hashes():
 
 
 @pytest.mark.parametrize("gpu, pip_present, wheels, expected", [
-    (False, True, False, ["torch --index-url " + install_deps.CPU_INDEX, "-r"]),
-    (True, True, False, ["torch --index-url " + install_deps.CUDA_INDEX, "-r"]),
-    (True, True, True, ["--no-index --find-links"]),
-    (False, False, True, ["pip install --no-index", "--no-index --find-links"]),
+    (False, True, [], ["torch --index-url " + install_deps.CPU_INDEX, "-r"]),
+    (True, True, ["pip"], ["torch --index-url " + install_deps.CUDA_INDEX, "-r"]),
+    (True, True, ["pip", "flask"], ["--no-index --find-links"]),
+    (False, False, ["pip", "flask"], ["pip install --no-index", "--no-index --find-links"]),
+    (False, False, ["pip"], ["pip install --no-index", "torch --index-url", "-r"]),  # bootstrap, then online
 ])
 def test_setup_offline_plans(tmp_path, gpu, pip_present, wheels, expected):
     (tmp_path / "requirements.txt").write_text("flask\n")
-    if wheels:
-        (tmp_path / "wheels").mkdir()
-        (tmp_path / "wheels" / "pip-25.0-py3-none-any.whl").write_bytes(b"")
-        (tmp_path / "wheels" / "flask-3.1.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "wheels").mkdir()
+    for name in wheels:
+        (tmp_path / "wheels" / f"{name}-1.0-py3-none-any.whl").write_bytes(b"")
     commands = [" ".join(c) for c in install_deps.plan(tmp_path, "python.exe", gpu, pip_present, None, None)]
     assert len(commands) == len(expected)
     for command, part in zip(commands, expected):
@@ -126,6 +131,7 @@ def test_bundle_layout_and_reproducibility(small_bundle):
         infos = archive.infolist()
         names = [i.filename for i in infos]
         top = f"my-chatglm2-{build_pack.version()}-win64/"
+        assert any(re.fullmatch(top + r"wheels/pip-[\d.]+-py3-none-any\.whl", n) for n in names)
         for name in BATS + ["requirements.txt", "README.md", "THUDM/README.md", "system/README.md",
                             "server/__main__.py", "server/webui/app.js", "system/python/python.exe",
                             "system/python/python310.zip", "system/python/Lib/site-packages/flask/__init__.py"]:

@@ -86,21 +86,21 @@ def install_python(version: str, cache: Path, target: Path) -> None:
     (target / "Lib" / "site-packages").mkdir(parents=True, exist_ok=True)
 
 
-def lock_entries(only: set[str] | None) -> str:
-    """The lock's requirements (name==version with their --hash lines), all or only those named."""
+def lock_entries(only: set[str] | None, skip: set[str] = frozenset()) -> str:
+    """The lock's requirements (name==version with their --hash lines), all or only those named, less `skip`."""
     blocks: list[list[str]] = []
     for line in LOCK.read_text(encoding="utf-8").splitlines():
         if re.match(r"[a-z0-9._-]+==", line):
             blocks.append([line])
         elif blocks and line.strip().startswith("--hash="):
             blocks[-1].append(line)
-    picked = [b for b in blocks if not only or b[0].split("==")[0] in only]
+    picked = [b for b in blocks if (not only or b[0].split("==")[0] in only) and b[0].split("==")[0] not in skip]
     return "".join("\n".join(b) + "\n" for b in picked)
 
 
 def install_packages(python_dir: Path, only: set[str] | None, torch_index: str | None, work: Path) -> None:
     requirements = work / "lock.txt"
-    entries = lock_entries(only)
+    entries = lock_entries(only, skip={"pip"})  # pip ships as a wheel (see download_wheels)
     msvc = "msvc-runtime" in entries
     if torch_index:  # CUDA torch comes from its own index, without the PyPI hashes
         entries = "\n".join(c for c in entries.split("\n") if not c.startswith("torch==")) + "\n"
@@ -116,6 +116,13 @@ def install_packages(python_dir: Path, only: set[str] | None, torch_index: str |
             shutil.move(str(dll), python_dir / dll.name)
         for dll in site.glob("*.dll"):
             shutil.move(str(dll), python_dir / dll.name)
+
+
+def download_wheels(entries: str, folder: Path, work: Path) -> None:
+    requirements = work / "wheels.txt"
+    requirements.write_text(entries)
+    pip("download", "--platform", "win_amd64", "--python-version", "3.10", "--implementation", "cp",
+        "--only-binary", ":all:", "--no-deps", "--require-hashes", "-r", str(requirements), "-d", str(folder))
 
 
 def copy_project(stage: Path) -> None:
@@ -154,12 +161,8 @@ def build(out_dir: Path, python: str = "3.10", only: set[str] | None = None, tor
         install_python(python, cache, python_dir)
         install_packages(python_dir, only, torch_index, Path(tmp))
         copy_project(stage)
-        if wheels:
-            (Path(tmp) / "lock.txt").write_text(lock_entries(only))
-            pip("download", "--quiet", "--platform", "win_amd64", "--python-version", "3.10", "--only-binary",
-                ":all:", "--no-deps", "--require-hashes", "-r", str(Path(tmp) / "lock.txt"), "-d", str(stage / "wheels"))
-            pip("download", "--quiet", "--platform", "win_amd64", "--only-binary", ":all:", "--no-deps", "pip",
-                "-d", str(stage / "wheels"))
+        # the pip wheel always: setup_offline.bat bootstraps pip from it; every wheel with --wheels (offline)
+        download_wheels(lock_entries(only) if wheels else lock_entries({"pip"}), stage / "wheels", Path(tmp))
         if include_model:
             shutil.copytree(include_model, stage / "THUDM" / "chatglm2-6b",
                             ignore=shutil.ignore_patterns("converted", ".converted*", "*.py", "*.incomplete"))
