@@ -105,7 +105,6 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="reuse (or create) the checkpoint here")
     args = parser.parse_args()
 
-    import torch
 
     from server.engine import Engine
     from server.model import load_model

@@ -3,8 +3,9 @@
 Only the files the loader uses are fetched (no `*.py`), straight into the model folder (not the user-profile
 cache). Each file is transferred by huggingface_hub's `http_get` into `<name>.incomplete`, which survives a
 stopped start: the next start resumes it with an HTTP range request (`hf_hub_download` deletes partial files
-since huggingface_hub 1.x, so it cannot resume across restarts). Transient failures are retried with backoff. Every downloaded file is checked against the hub's metadata (size, and the
-LFS sha256 or git blob id): a mismatch is deleted and fetched once more, then reported.
+since huggingface_hub 1.x, so it cannot resume across restarts). Transient failures are retried with backoff.
+Every downloaded file is checked against the hub's metadata (size, and the LFS sha256 or git blob id): a
+mismatch is deleted and fetched once more, then reported.
 """
 
 from __future__ import annotations

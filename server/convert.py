@@ -115,7 +115,8 @@ def expected_names(config: dict) -> set[str]:
     from transformers import GlmConfig, GlmForCausalLM
 
     with torch.device("meta"):
-        model = GlmForCausalLM(GlmConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+        model = GlmForCausalLM(GlmConfig(**fields))
     return set(model.state_dict())
 
 

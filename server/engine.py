@@ -258,7 +258,8 @@ class Engine:
             job._emit(Update(text=final, completion_tokens=n_tokens, generated=generated))
         now = time.perf_counter()
         job._emit(Finished(
-            finish_reason=reason, text=final, generated=generated, prompt_tokens=len(job.prompt.ids), completion_tokens=n_tokens,
+            finish_reason=reason, text=final, generated=generated, prompt_tokens=len(job.prompt.ids),
+            completion_tokens=n_tokens,
             dropped_rounds=job.prompt.dropped_rounds, seconds=now - job.submitted,
             first_token_seconds=None if first_token_at is None else first_token_at - job.submitted, error=error))
 

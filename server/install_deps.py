@@ -52,7 +52,10 @@ def plan(root: Path, python: str, gpu: bool, pip_present: bool, index_url: str |
         # a wheel is a zip that Python can run: pip installs itself from its own wheel
         commands.append([python, str(bundled[-1] / "pip"), "install", "--no-index", str(bundled[-1])])
     pip = [python, "-m", "pip", "install", "--upgrade", "--no-warn-script-location"]
-    source = ["--no-index", "--find-links", str(wheels)] if offline else (["--index-url", index_url] if index_url else [])
+    if offline:
+        source = ["--no-index", "--find-links", str(wheels)]
+    else:
+        source = ["--index-url", index_url] if index_url else []
     if not offline:  # torch first, from the right wheel index, so requirements.txt's "torch>=2.4" is satisfied
         commands.append(pip + ["torch", "--index-url", torch_index or (CUDA_INDEX if gpu else CPU_INDEX)])
     commands.append(pip + source + ["-r", str(root / "requirements.txt")])

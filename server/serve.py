@@ -33,7 +33,8 @@ def make_server(app, settings: Settings):
         )
     except OSError as exc:
         raise UserError(f"无法监听 / Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
-                        f"端口可能已被占用，可用 --port 换一个 / The port may be in use; choose another with --port.")
+                        f"端口可能已被占用，可用 --port 换一个 / The port may be in use; choose another with --port.") \
+            from exc
 
 
 def run_server(settings: Settings) -> int:

@@ -36,7 +36,8 @@ def json_body(request: Request) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"query\": \"你好\"}}")
+        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"query\": \"你好\"}}") \
+            from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, not {type(body).__name__}")
     return body

@@ -134,5 +134,5 @@ def test_random_json_never_breaks_the_server(server, route, body):
         answer = r.json()
         assert answer["success"] is False and answer["message"]
     else:
-        r.content  # a valid request streams to its end
+        assert r.content  # a valid request streams to its end
     assert requests.get(server.url + "/", timeout=5).status_code == 200

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.budget import ContextOverflow, GenerationRequest
-from server.engine import EngineBusy, Finished, Update, apply_stop
+from server.engine import EngineBusy, Update, apply_stop
 from server.generate import Sampling, sample, vocabulary_mask
 from server.model import load_model
 from tests.conftest import cpu_plan

@@ -6,7 +6,6 @@ Screenshots of the main states go to tests/artifacts/.
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""Build the Windows bundle from Linux: `python -m tools.build_pack` -> dist/my-chatglm2-<version>-win64.zip + SHA256SUMS.
+"""Build the Windows bundle from Linux: dist/my-chatglm2-<version>-win64.zip and dist/SHA256SUMS.
 
     python -m tools.build_pack                                  # CPU torch from PyPI (what CI builds)
     python -m tools.build_pack --torch-index https://download.pytorch.org/whl/cu128   # CUDA torch, for a release
