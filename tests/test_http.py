@@ -171,6 +171,30 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
     assert server.engine.running_id is None  # cancelled, not generating 200 tokens for nobody
 
 
+def test_disconnect_while_queued_removes_the_job(serve, engine_for, slow_model):
+    """No write ever fails for a job still in the queue: only waitress's client_disconnected can tell."""
+    server = serve(engine_for(slow_model))
+    running = requests.post(server.url + "/stream", json={"query": "a", "max_length": 200}, stream=True)
+    wait_until_running(server.engine)
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"query": "queued", "max_length": 200}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 5
+    while server.engine.queue_length == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert server.engine.queue_length == 1
+    sock.close()
+    deadline = time.time() + 5
+    while server.engine.queue_length and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.engine.queue_length == 0  # gone from the queue while the first job still runs
+    assert server.engine.running_id is not None
+    server.engine.interrupt()
+    running.close()
+
+
 def test_four_concurrent_streams_complete_in_order(serve, engine_for, tiny_model, monkeypatch):
     engine = engine_for(tiny_model)
     expected = {i: engine.submit(GenerationRequest(query=f"问题{i}", max_length=60, temperature=0)).wait().text
