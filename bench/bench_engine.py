@@ -53,11 +53,18 @@ def plan_for_precision(precision: str, device: str):
     return Plan(device, bits, dtype, 8192, "bench", "bench")
 
 
-def peak_rss_of(code: str) -> float:
-    """Run `code` in a fresh Python and return its peak resident memory in GB."""
-    probe = code + "\nimport resource, sys; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+def peak_rss_of(code: str) -> tuple[float, float, float]:
+    """Run `code` in a fresh Python: (peak RSS, anonymous RSS after, file-backed RSS after) in GB.
+
+    File-backed pages (the memory-mapped checkpoint) count in RSS but the kernel can drop them under pressure;
+    anonymous memory is what really has to fit in RAM.
+    """
+    probe = code + ("\nimport resource, re; s = open('/proc/self/status').read()"
+                    "\nkb = lambda k: int(re.search(k + r':\\s+(\\d+)', s).group(1))"
+                    "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, kb('RssAnon'), kb('RssFile'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9
+    peak, anon, file = (int(v) * 1024 / 1e9 for v in out.stdout.strip().splitlines()[-1].split())
+    return peak, anon, file
 
 
 def timed_generate(model, ids, n):
@@ -112,14 +119,17 @@ def main() -> None:
     folder = prepare_checkpoint(args.dir, args.layers, args.device)
     size = sum(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
 
-    load_code = ("from pathlib import Path; from server.model import load_model; from server.profiles import Plan;"
-                 f"load_model(Path({str(folder)!r}), Plan('cpu', 16, 'bfloat16', 8192, 'bench', 'bench'))")
     convert_code = f"from pathlib import Path; from server.convert import convert; convert(Path({str(folder)!r}))"
-    conv_rss = peak_rss_of(convert_code)
-    load_rss = peak_rss_of(load_code)
-    print(f"peak RSS: conversion {conv_rss:.2f} GB, loading (bfloat16) {load_rss:.2f} GB; "
-          f"checkpoint {size:.2f} GB, largest shard "
-          f"{max(f.stat().st_size for f in folder.glob('pytorch_model-*.bin')) / 1e9:.2f} GB")
+    conv_rss = peak_rss_of(convert_code)[0]
+    largest = max(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
+    print(f"peak RSS of conversion {conv_rss:.2f} GB; checkpoint {size:.2f} GB, largest shard {largest:.2f} GB")
+    for precision in args.precisions.split(","):
+        load_code = ("from pathlib import Path; from server.model import load_model; "
+                     "from bench.bench_engine import plan_for_precision; "
+                     f"loaded = load_model(Path({str(folder)!r}), plan_for_precision({precision!r}, 'cpu'))")
+        peak, anon, file = peak_rss_of(load_code)
+        print(f"loading at {precision}: peak RSS {peak:.2f} GB; then anonymous {anon:.2f} GB + file-backed "
+              f"(memory-mapped checkpoint) {file:.2f} GB")
 
     query = "请用三句话介绍一下北京的历史。"
     print(f"\nreply of {args.tokens} tokens, greedy, median of {args.repeats}")
