@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Finished, Job, Update
-from .streaming import SSE_HEADERS, client_watcher, follow, log_finished, sse, submit
+from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit
 from .tokenizer import clean_continuation
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
@@ -178,5 +178,4 @@ def chat_completions():
                     yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(event)})
         yield b"data: [DONE]\n\n"
 
-    return Response(events(), content_type="text/event-stream; charset=utf-8",
-                    headers={**SSE_HEADERS, "X-Job-Id": job.id})
+    return event_stream(events(), job)

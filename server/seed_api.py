@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Engine, Finished, Job, Update
-from .streaming import SSE_HEADERS, client_watcher, follow, log_finished, sse, submit, summary, tokenizer_of
+from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit, summary, tokenizer_of
 from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
 
 bp = Blueprint("seed", __name__)
@@ -61,11 +61,6 @@ def finish_event(job: Job, finished: Finished) -> bytes:
     if finished.finish_reason == "error":
         return sse({"message": f"generation failed: {finished.error}", "id": job.id}, event="error")
     return sse(summary(job, finished), event="done")
-
-
-def event_stream(events, job: Job) -> Response:
-    return Response(events, mimetype="text/event-stream", content_type="text/event-stream; charset=utf-8",
-                    headers={**SSE_HEADERS, "X-Job-Id": job.id})
 
 
 def announce(job: Job, events):

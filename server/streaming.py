@@ -12,6 +12,8 @@ import logging
 import queue
 from collections.abc import Callable, Iterator
 
+from flask import Response
+
 from .budget import ContextOverflow, GenerationRequest
 from .engine import Engine, EngineBusy, Finished, Job, NotReady, Update
 from .validation import ApiError
@@ -81,7 +83,10 @@ def sse(payload, event: str | None = None) -> bytes:
     return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode("utf-8")
 
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+def event_stream(events, job: Job) -> Response:
+    """A text/event-stream response that names its job in X-Job-Id; nothing in between buffers it."""
+    return Response(events, content_type="text/event-stream; charset=utf-8",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job.id})
 
 
 def summary(job: Job, finished: Finished) -> dict:
