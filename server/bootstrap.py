@@ -172,7 +172,7 @@ def fetch(settings: Settings, commit: str, f: RemoteFile, progress) -> None:
 
 
 def progress_bar_reporting(progress):
-    """A tqdm class for hf_hub_download whose bar also reports this file's bytes to `progress`."""
+    """A tqdm class for http_get whose bar also reports this file's bytes to `progress`."""
     class Bar(tqdm):
         def update(self, n=1):
             result = super().update(n)
@@ -226,18 +226,16 @@ def hub_call(settings: Settings, what: str, call):
     where = settings.mirror or "https://huggingface.co"
     not_found = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
                  getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError))
+    missing = DownloadError(f"找不到模型仓库 / {settings.repo}@{settings.revision} (or one of its files) was not "
+                            f"found on {where} (404). Check --repo, --revision and --mirror.")
     try:
         return call()
-    except errors.LocalEntryNotFoundError as exc:  # the hub could not be reached and no local copy exists
-        log.debug("network error", exc_info=True)
-        raise TransientError(network_message(where, what, exc.__cause__ or exc)) from exc
     except errors.GatedRepoError as exc:
         raise DownloadError(f"无权访问 / {settings.repo} needs you to accept its terms or log in (401/403): set "
                             "HF_TOKEN to an access token.") from exc
     except not_found as exc:
         log.debug("hub error", exc_info=True)
-        raise DownloadError(f"找不到模型仓库 / {settings.repo}@{settings.revision} (or one of its files) was not "
-                            f"found on {where} (404). Check --repo, --revision and --mirror.") from exc
+        raise missing from exc
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         log.debug("hub error", exc_info=True)
@@ -245,8 +243,7 @@ def hub_call(settings: Settings, what: str, call):
             raise DownloadError(f"无权访问 / {where} refused access to {settings.repo} ({status}): check HF_TOKEN, "
                                 "or try another --mirror.") from exc
         if status == 404:
-            raise DownloadError(f"找不到模型仓库 / {settings.repo}@{settings.revision} was not found on {where} "
-                                "(404). Check --repo, --revision and --mirror.") from exc
+            raise missing from exc
         raise TransientError(f"{where} answered {status} while trying to {what}") from exc
     except PermissionError as exc:
         raise DownloadError(f"没有写入权限 / Permission denied writing {exc.filename}: move the project to a folder "

@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Finished, Job, Update
-from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit
+from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit, wait_for
 from .tokenizer import clean_continuation
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
@@ -141,11 +141,7 @@ def chat_completions():
     prefilled = bool(chat.answer_prefix)
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": model_id()}
     if not streaming:
-        finished = job.wait()
-        log_finished("/v1/chat/completions", job, finished)
-        if finished.finish_reason == "error":
-            raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
-                           code="generation_failed")
+        finished = wait_for("/v1/chat/completions", job)
         return jsonify({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": clean_continuation(finished.generated, prefilled)},
             "logprobs": None, "finish_reason": finish_reason(finished)}], "usage": usage(finished)})

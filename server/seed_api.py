@@ -9,7 +9,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Engine, Finished, Job, Update
-from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit, summary, tokenizer_of
+from .streaming import (client_watcher, event_stream, follow, log_finished, sse, submit, summary, tokenizer_of,
+                        wait_for)
 from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
 
 bp = Blueprint("seed", __name__)
@@ -103,10 +104,7 @@ def generate():
     eng = engine()
     job = submit(eng, chat)
     if not streaming:
-        finished = job.wait()
-        log_finished("/generate", job, finished)
-        if finished.finish_reason == "error":
-            raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again")
+        finished = wait_for("/generate", job)
         return Response(finished.text, content_type="text/plain; charset=utf-8", headers={"X-Job-Id": job.id})
 
     watch = client_watcher(request.environ)

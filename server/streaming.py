@@ -73,6 +73,16 @@ def follow(engine: Engine, job: Job, disconnected: Callable[[], bool]) -> Iterat
             engine.interrupt(job.id)
 
 
+def wait_for(route: str, job: Job) -> Finished:
+    """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry."""
+    finished = job.wait()
+    log_finished(route, job, finished)
+    if finished.finish_reason == "error":
+        raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
+                       code="generation_failed")
+    return finished
+
+
 def client_watcher(environ) -> Callable[[], bool]:
     return environ.get("waitress.client_disconnected") or (lambda: False)
 
