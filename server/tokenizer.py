@@ -36,9 +36,6 @@ class ChatGLM2Tokenizer:
     def pieces(self, text: str) -> list[str]:
         return self.sp.encode(text, out_type=str)
 
-    def count(self, text: str) -> int:
-        return len(self.sp.encode(text))
-
     # -- decoding --------------------------------------------------------------------------------------------
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.first_special_id])
