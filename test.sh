@@ -12,6 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v chromium >/dev/null 2>&1 || missing="chromium"
     command -v wine >/dev/null 2>&1 || missing="$missing wine"  # runs the Windows launchers in tests
     [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || missing="$missing fonts-wqy-zenhei"
+    python3 -c "import ensurepip" 2>/dev/null || missing="$missing python3-venv"  # Debian's python3 splits it out
     if [ -n "$missing" ]; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null; } \
             || echo "could not install$missing: the tests that need them will be skipped"
