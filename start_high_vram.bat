@@ -1,16 +1,16 @@
 @echo off
 rem my-chatglm2: 16-bit weights, for cards with 14 GB or more
 rem Extra arguments go to the server, e.g.  start_high_vram.bat --port 6000
+rem Settings (mirror, port, API key, ...) live in settings.ini beside this file.
 rem All messages come from Python (Chinese and English); this file stays ASCII.
 setlocal
 cd /d "%~dp0"
 set "PYTHONNOUSERSITE=1"
 set "PYTHONUTF8=1"
 set "KMP_AFFINITY=disabled"
-set "PATH=%CD%\system\python;%CD%\system\python\Scripts;%PATH%"
-if not defined CHATGLM2_OPEN_BROWSER set "CHATGLM2_OPEN_BROWSER=1"
-if not exist "system\python\python.exe" goto no_python
-"system\python\python.exe" -s -m server --profile high %*
+set "PATH=%CD%\system;%CD%\system\Scripts;%PATH%"
+if not exist "system\python.exe" goto no_python
+"system\python.exe" -s -m server --profile high %*
 set "RC=%ERRORLEVEL%"
 if "%RC%"=="0" exit /b 0
 echo.
@@ -19,6 +19,6 @@ if not defined CHATGLM2_NO_PAUSE pause
 exit /b %RC%
 
 :no_python
-echo [my-chatglm2] system\python\python.exe is missing: unzip the whole bundle again.
+echo [my-chatglm2] system\python.exe is missing: unzip the whole bundle again.
 if not defined CHATGLM2_NO_PAUSE pause
 exit /b 9009

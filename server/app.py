@@ -50,6 +50,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
             "queue": engine.queue_length,
             "running": engine.running_id,
             "version": __version__,
+            "notices": engine.notices,
             **engine.detail,
         }
         return jsonify(body), 200 if engine.state == "ready" else 503

@@ -6,6 +6,10 @@ stopped start: the next start resumes it with an HTTP range request (`hf_hub_dow
 since huggingface_hub 1.x, so it cannot resume across restarts). Transient failures are retried with backoff.
 Every downloaded file is checked against the hub's metadata (size, and the LFS sha256 or git blob id): a
 mismatch is deleted and fetched once more, then reported.
+
+Where from: `--mirror auto` (the default) uses huggingface.co when it answers within a few seconds and otherwise
+the well-known mirror hf-mirror.com (mainland China cannot reach huggingface.co), saying so on the console; a URL
+pins one source.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
@@ -30,6 +36,9 @@ WEIGHT_LAYOUTS = (  # preferred first: (index file, shard prefix, shard suffix, 
     ("model.safetensors.index.json", "model-", ".safetensors", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model-", ".bin", "pytorch_model.bin"),
 )
+# --mirror auto: tried in order; the first that accepts a connection within PROBE_SECONDS is used
+AUTO_ENDPOINTS = ("https://huggingface.co", "https://hf-mirror.com")
+PROBE_SECONDS = 5.0
 RETRIES = 5
 BACKOFF_SECONDS = 2.0  # doubled after each failed try
 MANUAL = ("请手动下载 / Download by hand: https://huggingface.co/{repo}/tree/main "
@@ -62,6 +71,7 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
             + MANUAL.format(repo=settings.repo, folder=folder))
     report = report or (lambda state, **detail: None)
     report("downloading", progress=0.0)
+    settings = settings.replace(mirror=choose_endpoint(settings.mirror))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -74,6 +84,31 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
     converted = (folder / CACHE_NAME).exists()
     check_disk_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
     fetch_all(settings, commit, todo, report)
+
+
+def choose_endpoint(mirror: str | None) -> str:
+    """The hub to download from: a pinned URL as is; for auto, the first of AUTO_ENDPOINTS that answers."""
+    if mirror and mirror.lower() != "auto":
+        return mirror.rstrip("/")
+    for endpoint in AUTO_ENDPOINTS:
+        if reachable(endpoint):
+            if endpoint != AUTO_ENDPOINTS[0]:
+                log.warning("%s 连不上，改用镜像 %s / %s cannot be reached: downloading from the mirror %s instead "
+                            "(pin a source with mirror = … in settings.ini)", AUTO_ENDPOINTS[0], endpoint,
+                            AUTO_ENDPOINTS[0], endpoint)
+            return endpoint
+    return AUTO_ENDPOINTS[0]  # neither answers: the download's retries then say what is wrong
+
+
+def reachable(endpoint: str) -> bool:
+    """Whether the endpoint's host accepts a TCP connection quickly (a blocked host times out or refuses)."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
 
 
 def remote_files(settings: Settings) -> tuple[list[RemoteFile], str]:
@@ -107,17 +142,17 @@ def fetch_all(settings: Settings, commit: str, files: list[RemoteFile], report: 
     log.info("downloading %d files (%.2f GB) of %s into %s", len(files), total / 1e9, settings.repo,
              settings.model_dir)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"总计 Total ({len(files)} files)", position=0) as overall:
-        done = 0
+        done = 0  # bytes of the files already finished
         for f in files:
-            def progress(n, base=done):  # bytes of this file so far
-                overall.n = base + n
+            def progress(n, f=f):  # n: bytes of this file so far (a re-fetch starts again from 0)
+                overall.n = done + min(n, f.size)
                 overall.refresh()
                 report("downloading", progress=round(overall.n / total, 4), downloaded_bytes=overall.n,
                        total_bytes=total, file=f.name)
 
             fetch_verified(settings, commit, f, progress)
             done += f.size
-            progress(0)
+            progress(f.size)
     report("loading")
 
 
@@ -263,4 +298,5 @@ def hub_call(settings: Settings, what: str, call):
 
 def network_message(where: str, what: str, exc: Exception) -> str:
     return (f"无法连接 / Cannot reach {where} to {what} ({type(exc).__name__}: {exc}). Check the network; in "
-            f"mainland China start with --mirror https://hf-mirror.com. Starting again resumes the download.")
+            f"mainland China set mirror = https://hf-mirror.com in settings.ini (or --mirror). Starting again resumes "
+            "the download.")

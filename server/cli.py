@@ -8,7 +8,8 @@ import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
-from .config import ENV_PREFIX, PROJECT_ROOT, Settings, UserError, from_env, parse_value, settings_fields
+from .config import (ENV_PREFIX, PROJECT_ROOT, SETTINGS_FILE, Settings, UserError, from_env, from_file, parse_value,
+                     settings_fields)
 
 log = logging.getLogger("server")
 LOG_PATH = PROJECT_ROOT / "server.log"
@@ -38,8 +39,10 @@ def setup_logging() -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server",
-        description="my-chatglm2: a local ChatGLM2-6B chat server. Every option can also be set as an "
-                    f"environment variable {ENV_PREFIX}<OPTION> (for example {ENV_PREFIX}PORT=5178).",
+        description="my-chatglm2: a local ChatGLM2-6B chat server. Every option can also be set in "
+                    f"{SETTINGS_FILE.name} beside the launchers (section [server], e.g. port = 5178) or as an "
+                    f"environment variable {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}PORT=5178); flags win over "
+                    "variables, variables over the file.",
     )
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "chat"),
                         help="serve: the HTTP API (default); chat: chat in this terminal")
@@ -61,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace, environ=None) -> Settings:
-    """Defaults, then environment variables, then command-line flags."""
-    changes = from_env(environ)
+    """Defaults, then settings.ini, then environment variables, then command-line flags."""
+    changes = from_file(environ=environ)
+    changes.update(from_env(environ))
     changes.update({f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name) is not None})
     return Settings().replace(**changes)
 
@@ -73,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     setup_logging()
-    settings = settings_from(args)
     try:
+        settings = settings_from(args)
         if args.command == "chat":
             from .chat import run_chat
 

@@ -1,11 +1,14 @@
-"""Settings: one definition that feeds the command line, environment variables and tests.
+"""Settings: one definition that feeds the command line, environment variables, the settings file and tests.
 
 Each field of `Settings` is an option. Its metadata carries the help text (and choices); `cli.py` turns every
-field into a `--flag`, and `from_env` reads `CHATGLM2_<FIELD>` variables, so the three cannot drift apart.
+field into a `--flag`, `from_env` reads `CHATGLM2_<FIELD>` variables and `from_file` the `[server]` section of
+settings.ini (what a double-click user edits), so they cannot drift apart. Later sources win: defaults, then
+settings.ini, then the environment, then flags.
 """
 
 from __future__ import annotations
 
+import configparser
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -14,6 +17,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "THUDM" / "chatglm2-6b"
 ENV_PREFIX = "CHATGLM2_"
+SETTINGS_FILE = PROJECT_ROOT / "settings.ini"
+SETTINGS_FILE_ENV = "CHATGLM2_SETTINGS_FILE"  # another settings file (tests point it at their own)
 
 
 class UserError(Exception):
@@ -30,8 +35,9 @@ class Settings:
     model_dir: Path = option(DEFAULT_MODEL_DIR, "model folder in the hub layout of THUDM/chatglm2-6b")
     repo: str = option("THUDM/chatglm2-6b", "hub repository downloaded when the model folder lacks files")
     revision: str = option("main", "branch, tag or commit of --repo to download")
-    mirror: str | None = option(None, "hub mirror for every download request, e.g. https://hf-mirror.com "
-                                      "(also the standard HF_ENDPOINT variable)", env="HF_ENDPOINT")
+    mirror: str = option("auto", "where the model is downloaded from: auto = huggingface.co, or "
+                                 "https://hf-mirror.com when huggingface.co cannot be reached; or a URL to pin one "
+                                 "(also the standard HF_ENDPOINT variable)", env="HF_ENDPOINT")
     offline: bool = option(False, "never touch the network; missing files are an error that names them "
                                   "(also HF_HUB_OFFLINE=1)", env="HF_HUB_OFFLINE")
     verify: bool = option(False, "re-check every model file against the hub's checksums (downloads bad ones again)")
@@ -75,10 +81,60 @@ def parse_value(f: dataclasses.Field, raw: str):
     if "Path" in kind:
         return Path(raw)
     if "bool" in kind:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"'{raw}' is not true or false")
+        return word in ("1", "true", "yes", "on")
     if "int" in kind:
         return int(raw)
     return raw
+
+
+def field_named(name: str) -> dataclasses.Field | None:
+    return next((f for f in settings_fields() if f.name == name.strip().lower().replace("-", "_")), None)
+
+
+def from_file(path: Path | None = None, environ=None) -> dict:
+    """Settings from the [server] section of settings.ini (or $CHATGLM2_SETTINGS_FILE), as a dict of changes.
+
+    Empty values keep the default. The file may be saved by Notepad as UTF-8 (with or without BOM) or GBK.
+    """
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get(SETTINGS_FILE_ENV) or SETTINGS_FILE)
+    if not path.is_file():
+        return {}
+    try:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("gbk")
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+        parser.read_string(text, source=str(path))
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise UserError(f"设置文件有误 / {path} cannot be read: {exc}. Fix it, or delete it to use the defaults.") \
+            from exc
+    changes = {}
+    for key, value in (parser["server"].items() if parser.has_section("server") else []):
+        f = field_named(key)
+        if f is None:
+            known = ", ".join(f.name for f in settings_fields())
+            raise UserError(f"设置文件有误 / {path}: unknown setting '{key}'. Known settings: {known}.")
+        if value.strip() == "":
+            continue
+        try:
+            value = check_choice(f, parse_value(f, value.strip()))
+            changes[f.name] = path.parent / value if isinstance(value, Path) else value  # relative to the file
+        except ValueError as exc:
+            raise UserError(f"设置文件有误 / {path}: '{key} = {value.strip()}' is not valid ({exc}).") from exc
+    return changes
+
+
+def check_choice(f: dataclasses.Field, value):
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"choose one of {', '.join(map(str, choices))}")
+    return value
 
 
 def from_env(environ=None) -> dict:
@@ -88,6 +144,9 @@ def from_env(environ=None) -> dict:
     for f in settings_fields():
         for name in (ENV_PREFIX + f.name.upper(), f.metadata.get("env")):
             if name and environ.get(name, "") != "":
-                changes[f.name] = parse_value(f, environ[name])
+                try:
+                    changes[f.name] = check_choice(f, parse_value(f, environ[name]))
+                except ValueError as exc:
+                    raise UserError(f"环境变量有误 / {name}={environ[name]} is not valid ({exc}).") from exc
                 break
     return changes

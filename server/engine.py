@@ -97,6 +97,7 @@ class Engine:
         self.reply_reserve = reply_reserve
         self.state = "loading"  # loading, downloading, ready or error
         self.detail: dict = {}  # what /health shows beside the state (progress, error, model facts)
+        self.notices: list[str] = []  # lines the person should act on (e.g. a GPU torch cannot use)
         self.loaded: LoadedModel | None = None
         self._pending: deque[Job] = deque()
         self._running: Job | None = None
@@ -135,6 +136,9 @@ class Engine:
 
     def set_state(self, state: str, **detail) -> None:
         self.state, self.detail = state, detail
+
+    def add_notice(self, text: str) -> None:
+        self.notices.append(text)
 
     def close(self) -> None:
         with self._lock:

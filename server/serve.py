@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import webbrowser
 from logging.handlers import RotatingFileHandler
 
@@ -20,20 +21,46 @@ log = logging.getLogger(__name__)
 CHATLOG_PATH = PROJECT_ROOT / "chatlog.log"
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port that no other program can share.
+
+    waitress sets SO_REUSEADDR, which on Windows lets a second server bind a port another one already holds (two
+    launchers would both "start" and load the model twice). SO_EXCLUSIVEADDRUSE makes the second bind fail there;
+    elsewhere SO_REUSEADDR only allows rebinding a port in TIME_WAIT, as usual for servers.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def make_server(app, settings: Settings):
     """A waitress server that streams each event as it is written and notices clients that go away."""
     try:
         return waitress.create_server(
-            app, host=settings.host, port=settings.port,
+            app, sockets=[listening_socket(settings.host, settings.port)],
             threads=settings.max_queue + 4,  # every waiting stream holds a thread; leave some for quick calls
             channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
             # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
             max_request_body_size=4 * settings.max_body_bytes + 65536,
             ident="my-chatglm2",
         )
-    except OSError as exc:
-        raise UserError(f"无法监听 / Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
-                        f"端口可能已被占用，可用 --port 换一个 / The port may be in use; choose another with --port.") \
+    except (OSError, UnicodeError) as exc:  # in use, no such address, or a host name that cannot be resolved
+        raise UserError(f"无法监听 / Cannot listen on {settings.host}:{settings.port}: {getattr(exc, 'strerror', None) or exc}. "
+                        "端口可能已被占用（是否已经开着一个？），可在 settings.ini 里改 port，或用 --port 换一个 / "
+                        "The port may be in use (is the server already running?): choose another port in "
+                        "settings.ini or with --port.") \
             from exc
 
 
@@ -46,7 +73,8 @@ def run_server(settings: Settings) -> int:
         chatlog.setLevel(logging.INFO)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
     server = make_server(create_app(settings, engine), settings)
-    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state))
+    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state,
+                                                      notice=engine.add_notice))
     url = f"http://{browser_host(settings.host)}:{server.effective_port}"
     log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
     if settings.open_browser:

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from .bootstrap import Report, ensure_model
 from .config import Settings, UserError
+from .gpu import unused_gpu_notice
 from .profiles import plan_for, probe_hardware
 
 log = logging.getLogger(__name__)
 
 
-def load_for(settings: Settings, report: Report | None = None):
-    """Download what is missing (first start), then plan, convert once and load (-> LoadedModel)."""
+def load_for(settings: Settings, report: Report | None = None, notice: Callable[[str], None] | None = None):
+    """Download what is missing (first start), then plan, convert once and load (-> LoadedModel).
+
+    `notice` receives lines the person should see until they act (console, /health and the page show them)."""
     ensure_model(settings, report)
     from .convert import ConversionError  # the model stack (torch, transformers) is imported from here on
     from .model import ModelLoadError, load_model
 
     model_dir = settings.model_dir
     try:
-        plan = plan_for(settings, probe_hardware())
+        hardware = probe_hardware()
+        gpu_notice = None if settings.device == "cpu" else unused_gpu_notice(hardware.cuda)
+        if gpu_notice:
+            log.warning("%s", gpu_notice)
+            if notice:
+                notice(gpu_notice)
+        plan = plan_for(settings, hardware)
         log.info("profile %s on %s, %s: %s", plan.profile, plan.device, plan.precision, plan.reason)
         return load_model(model_dir, plan)
     except (ValueError, ConversionError, ModelLoadError) as exc:

@@ -18,7 +18,9 @@ class ChatGLM2Tokenizer:
     def __init__(self, model_file: str | Path):
         import sentencepiece  # here, not at import: the HTTP layer imports this module before any model
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        # From bytes, not from the path: sentencepiece's Windows build opens files with narrow (ANSI code page)
+        # paths, so a folder such as C:\Users\张三\ is "not found" there. Python opens any path.
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=Path(model_file).read_bytes())
         self.n_pieces = self.sp.get_piece_size()
         self.special_ids = {name: self.n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.eos_id = EOS_ID

@@ -148,6 +148,7 @@ async function pollHealth() {
     const h = await res.json();
     const wasReady = server.status === "ready";
     server = h;
+    showNotices(h.notices || []);
     if (h.status === "ready") {
       if (!wasReady) { hideBanner("health"); updateMeter(); renderAdvanced(); }
     } else {
@@ -589,6 +590,11 @@ function updateMeter() {
 
 // -- banner, toast, drawer ------------------------------------------------------------------------------------
 let bannerSource = null;
+function showNotices(lines) {
+  // Server-side advice the person should act on (e.g. a GPU that torch cannot use); already bilingual.
+  $("notice").textContent = lines.join("\n");
+  $("notice").hidden = lines.length === 0;
+}
 function showBanner(text, kind = "warn", source = "action") {
   if (!text) return;
   bannerSource = source;
