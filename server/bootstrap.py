@@ -145,14 +145,16 @@ def fetch_all(settings: Settings, commit: str, files: list[RemoteFile], report: 
         done = 0  # bytes of the files already finished
         for f in files:
             def progress(n, f=f):  # n: bytes of this file so far (a re-fetch starts again from 0)
+                if done + min(n, f.size) == overall.n:
+                    return  # nothing new: each value (100 % too) is reported once
                 overall.n = done + min(n, f.size)
                 overall.refresh()
                 report("downloading", progress=round(overall.n / total, 4), downloaded_bytes=overall.n,
                        total_bytes=total, file=f.name)
 
             fetch_verified(settings, commit, f, progress)
+            progress(f.size)  # complete (also when nothing was left to transfer)
             done += f.size
-            progress(f.size)
     report("loading")
 
 

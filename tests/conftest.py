@@ -26,6 +26,7 @@ def isolated_env(monkeypatch, tmp_path):
     for name in list(os.environ):
         if name.startswith(("CHATGLM2_", "HF_")):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("CHATGLM2_SETTINGS_FILE", str(tmp_path / "no-settings.ini"))  # not the project's settings.ini
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 

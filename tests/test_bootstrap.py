@@ -213,3 +213,46 @@ def test_cli_offline_failure_is_one_message(tmp_path):
                           capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Offline mode" in proc.stderr and "离线" in proc.stderr
+
+
+def refusing_url() -> str:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_auto_mirror_falls_back_when_the_hub_cannot_be_reached(hub, tmp_path, monkeypatch, caplog):
+    """Two loopback hubs: the first refuses (as huggingface.co does from mainland China), the second serves."""
+    monkeypatch.setattr(bootstrap, "AUTO_ENDPOINTS", (refusing_url(), hub.url))
+    folder = tmp_path / "m"
+    with caplog.at_level("WARNING", logger="server.bootstrap"):
+        ensure_model(Settings(model_dir=folder))  # mirror defaults to auto: no setting needed
+    assert (folder / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
+    assert any("cannot be reached" in r.getMessage() and hub.url in r.getMessage() for r in caplog.records)
+
+
+def test_auto_mirror_keeps_the_hub_when_it_answers(hub, monkeypatch):
+    monkeypatch.setattr(bootstrap, "AUTO_ENDPOINTS", (hub.url, refusing_url()))
+    assert bootstrap.choose_endpoint("auto") == hub.url
+    assert bootstrap.choose_endpoint(None) == hub.url
+
+
+def test_a_pinned_mirror_is_used_as_is_without_probing(monkeypatch):
+    monkeypatch.setattr(bootstrap, "reachable", lambda url: pytest.fail("a pinned source is not probed"))
+    assert bootstrap.choose_endpoint("https://hf-mirror.com/") == "https://hf-mirror.com"
+
+
+def test_overall_progress_only_grows_and_reaches_one_exactly_once(hub, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    partial = folder / (WEIGHTS + ".incomplete")  # a stopped earlier start: resumed, counted once
+    partial.write_bytes(hub.files[WEIGHTS][: len(hub.files[WEIGHTS]) // 3])
+    reports = []
+    ensure_model(settings_for(hub, folder), report=lambda state, **detail: reports.append((state, detail)))
+    fractions = [d["progress"] for s, d in reports if s == "downloading"]
+    assert fractions == sorted(fractions) and fractions.count(1.0) == 1 and fractions[-1] == 1.0
+    last = [d for s, d in reports if s == "downloading"][-1]
+    assert last["downloaded_bytes"] == last["total_bytes"]
+    assert reports[-1][0] == "loading"

@@ -289,6 +289,19 @@ def test_loading_state_is_shown(browser, serve):
     u.context.close()
 
 
+def test_server_notices_are_shown_until_acted_on(ui, engine_for, slow_model):
+    """What the server asks the person to do (e.g. install CUDA torch for their GPU) stays visible on the page."""
+    engine = engine_for(slow_model)
+    notice = "检测到 NVIDIA 显卡 RTX 3060，但当前 torch 是 CPU 版 / An NVIDIA GPU (RTX 3060) is present … setup_offline.bat"
+    engine.add_notice(notice)
+    u = ui(engine)
+    u.page.wait_for_function("document.querySelector('#notice').textContent.includes('setup_offline.bat')")
+    assert u.page.is_visible("#notice") and u.page.inner_text("#notice") == notice
+    u.send("你好")  # chatting does not hide it
+    assert u.page.is_visible("#notice")
+    u.shot("gpu-notice")
+
+
 def test_broken_store_does_not_brick_the_page(ui):
     u = ui()
     u.page.evaluate("localStorage.setItem('chatglm2.state.v1', '{broken')")

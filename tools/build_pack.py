@@ -180,7 +180,7 @@ def download_wheels(entries: str, python: str, folder: Path, work: Path) -> None
     pip("download", *windows(python), "--require-hashes", "-r", str(requirements), "-d", str(folder))
 
 
-def copy_project(stage: Path, python: str) -> None:
+def copy_project(stage: Path, python: str, only: set[str] | None) -> None:
     for name in TOP_FILES:
         shutil.copy2(ROOT / name, stage / name)
     shutil.copytree(ROOT / "server", stage / "server", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -190,8 +190,9 @@ def copy_project(stage: Path, python: str) -> None:
     # the lock, split so setup_offline.bat can take torch from the CUDA index and the rest from the lock
     lock = stage / "system" / "lock"
     lock.mkdir()
-    (lock / "torch.txt").write_text(lock_entries({"torch"}, python=python), encoding="utf-8")
-    (lock / "others.txt").write_text(lock_entries(None, skip={"torch", "pip"}, python=python), encoding="utf-8")
+    torch = lock_entries({"torch"}, python=python) if not only or "torch" in only else ""
+    (lock / "torch.txt").write_text(torch, encoding="utf-8")
+    (lock / "others.txt").write_text(lock_entries(only, skip={"torch", "pip"}, python=python), encoding="utf-8")
 
 
 def deterministic_zip(stage: Path, out: Path, prefix: str) -> None:
@@ -245,9 +246,9 @@ def build(out_dir: Path, python: str = "3.10", only: set[str] | None = None, tor
         python_dir = stage / "system"  # python.exe in system/: one folder less in every path
         install_python(python, cache, python_dir)
         install_packages(python_dir, python, only, torch_index, Path(tmp))
-        copy_project(stage, python)
+        copy_project(stage, python, only)
         # the pip wheel always: setup_offline.bat bootstraps pip from it; every wheel with --wheels (offline)
-        entries = lock_entries(only, python=python) if wheels else lock_entries({"pip"}, python=python)
+        entries = lock_entries(only and only | {"pip"}, python=python) if wheels else lock_entries({"pip"}, python=python)
         download_wheels(entries, python, stage / "wheels", Path(tmp))
         if include_model:
             shutil.copytree(include_model, stage / "THUDM" / "chatglm2-6b",
