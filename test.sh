@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # The browser tests drive Debian's Chromium (a CJK font makes their screenshots readable), the bundle tests run
-# the launchers under Debian's wine. Installed when we can (root with apt-get, as in CI); without them those
+# the launchers (and the whole bundle, model stack included) under Debian's wine. Installed when we can (root with apt-get, as in CI); without them those
 # tests are skipped with the reason.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     missing=""
     command -v chromium >/dev/null 2>&1 || missing="chromium"
     command -v wine >/dev/null 2>&1 || missing="$missing wine"  # runs the Windows launchers in tests
+    # builds the test-only bcryptprimitives.dll stub that wine 8.0 needs for the full bundle's Rust-built wheels
+    command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || missing="$missing gcc-mingw-w64-x86-64"
     [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || missing="$missing fonts-wqy-zenhei"
     python3 -c "import ensurepip" 2>/dev/null || missing="$missing python3-venv"  # Debian's python3 splits it out
     if [ -n "$missing" ]; then
