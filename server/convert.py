@@ -4,6 +4,11 @@ The conversion is a name table plus one real transform (splitting the fused quer
 shard and tensor by tensor, so peak memory stays near one source shard. The result is written to a temporary
 folder and renamed when complete: an interrupted conversion is never loaded. A fingerprint of the source files
 decides when to convert again.
+
+Formats: `float16` (converted/, what from_pretrained loads: GPU, bitsandbytes, 16-bit) and the CPU formats
+`cpu-int4` / `cpu-int8` (converted-cpu-int4/, …): the linear layers already quantized for torch's CPU kernels
+(cpu_quant.py), the rest bfloat16. A later start memory-maps those as they are: no quantizing at every load,
+and a 4-bit model maps ~3.7 GB instead of 12.5.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from tqdm import tqdm
 
 from .checkpoint import CACHE_NAME, missing_files, weight_files
@@ -26,6 +32,9 @@ from .checkpoint import CACHE_NAME, missing_files, weight_files
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
+FORMATS = ("float16", "cpu-int4", "cpu-int8")
+LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
+Progress = Callable[[float], None]
 
 
 class ConversionError(Exception):
@@ -136,36 +145,55 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, state.pop(name)
 
 
-def fingerprint(model_dir: Path) -> dict:
+def fingerprint(model_dir: Path, fmt: str = "float16") -> dict:
     files = weight_files(model_dir) + [model_dir / "config.json"]
-    return {
+    stamp = {
         "converter": CONVERTER_VERSION,
         "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
     }
+    if fmt != "float16":  # the int4 kernel's packed layout depends on torch and on the CPU's vector width
+        stamp.update(format=fmt, torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
+    return stamp
 
 
 # -- the conversion --------------------------------------------------------------------------------------------
-def cache_dir(model_dir: Path) -> Path:
-    return model_dir / CACHE_NAME
+def cache_dir(model_dir: Path, fmt: str = "float16") -> Path:
+    return model_dir / (CACHE_NAME if fmt == "float16" else f"{CACHE_NAME}-{fmt}")
 
 
-def is_current(model_dir: Path) -> bool:
-    stamp = cache_dir(model_dir) / "source.json"
+def is_current(model_dir: Path, fmt: str = "float16") -> bool:
+    stamp = cache_dir(model_dir, fmt) / "source.json"
     try:
-        return json.loads(stamp.read_text(encoding="utf-8")) == fingerprint(model_dir)
+        return json.loads(stamp.read_text(encoding="utf-8")) == fingerprint(model_dir, fmt)
     except (OSError, ValueError):
         return False
 
 
-def ensure_converted(model_dir: Path) -> Path:
-    """The converted folder for `model_dir`, converting first when it is missing or stale."""
+def ensure_converted(model_dir: Path, fmt: str = "float16", progress: Progress | None = None) -> Path:
+    """The converted folder for `model_dir` in `fmt`, converting first when it is missing or stale."""
     model_dir = Path(model_dir)
-    if not is_current(model_dir):
-        convert(model_dir)
-    return cache_dir(model_dir)
+    if not is_current(model_dir, fmt):
+        convert(model_dir, fmt, progress)
+    return cache_dir(model_dir, fmt)
 
 
-def convert(model_dir: Path) -> Path:
+def target_tensors(fmt: str) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """native name, float16 tensor -> what the cache of `fmt` stores for it."""
+    if fmt == "float16":
+        return lambda name, tensor: {name: tensor}
+    from .cpu_quant import quantized_tensors
+
+    bits = int(fmt.removeprefix("cpu-int"))
+
+    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if LINEAR_WEIGHT.search(name):  # the output layer keeps 8 bits (as llama.cpp keeps it above Q4)
+            return quantized_tensors(name, tensor, 8 if name == "lm_head.weight" else bits)
+        return {name: tensor.to(torch.bfloat16)}
+
+    return transform
+
+
+def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = None) -> Path:
     missing = missing_files(model_dir)
     if missing:
         raise ConversionError(f"{model_dir} lacks {', '.join(missing)}")
@@ -174,20 +202,24 @@ def convert(model_dir: Path) -> Path:
     files = weight_files(model_dir)
     check_disk_space(model_dir, sum(f.stat().st_size for f in files))
 
-    target = cache_dir(model_dir)
-    tmp = model_dir / f".{CACHE_NAME}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    target = cache_dir(model_dir, fmt)
+    for stale in model_dir.glob(f".{target.name}.tmp-*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = model_dir / f".{target.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    log.info("converting %s to the native GLM layout in %s (once)", model_dir, target)
+    log.info("converting %s to the native GLM layout (%s) in %s (once)", model_dir, fmt, target)
     try:
-        weight_map = convert_shards(files, config, tmp)
-        missing_names = expected_names(config) - set(weight_map)
+        native, weight_map = convert_shards(files, config, tmp, target_tensors(fmt), progress)
+        missing_names = expected_names(config) - native
         if missing_names:
             raise ConversionError(f"the checkpoint lacks tensors: {', '.join(sorted(missing_names)[:5])}")
+        if fmt != "float16":
+            config["torch_dtype"] = "bfloat16"
+            config["cpu_quantization"] = fmt
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        (tmp / "source.json").write_text(json.dumps(fingerprint(model_dir)), encoding="utf-8")
+        (tmp / "source.json").write_text(json.dumps(fingerprint(model_dir, fmt)), encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     finally:
@@ -195,21 +227,54 @@ def convert(model_dir: Path) -> Path:
     return target
 
 
-def convert_shards(files: list[Path], config: dict, out: Path) -> dict[str, str]:
-    """Write one output shard per source shard; return the weight map of the output."""
+def convert_shards(files: list[Path], config: dict, out: Path, transform, progress: Progress | None = None
+                   ) -> tuple[set[str], dict[str, str]]:
+    """Write one output shard per source shard; return the native names seen and the output's weight map."""
+    native: set[str] = set()
     weight_map: dict[str, str] = {}
-    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="Converting") as bar:
+    total = sum(f.stat().st_size for f in files)
+    done = 0  # bytes of the source shards already converted
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Converting") as bar:
         for i, path in enumerate(files, start=1):
             shard_name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
             shard: dict[str, torch.Tensor] = {}
+            size, seen = path.stat().st_size, 0
             for name, tensor in read_tensors(path):
-                for new_name, new_tensor in convert_tensor(name, tensor, config).items():
-                    shard[new_name] = new_tensor.contiguous()
-                    weight_map[new_name] = shard_name
-            save_file(shard, str(out / shard_name), metadata={"format": "pt"})
+                for native_name, native_tensor in convert_tensor(name, tensor, config).items():
+                    native.add(native_name)
+                    for new_name, new_tensor in transform(native_name, native_tensor).items():
+                        shard[new_name] = new_tensor.contiguous()
+                        weight_map[new_name] = shard_name
+                seen = min(seen + tensor.numel() * tensor.element_size(), size)  # the file has a little more
+                bar.update(done + seen - bar.n)
+                if progress:
+                    progress((done + seen) / total)
+            done += size
+            bar.update(done - bar.n)
+            if progress:
+                progress(done / total)
+            if any(t.dtype in (torch.int8, torch.uint8) for t in shard.values()):
+                save_aligned(shard, out / shard_name)
+            else:
+                save_file(shard, str(out / shard_name), metadata={"format": "pt"})
             del shard
-            bar.update(path.stat().st_size)
-    return weight_map
+    return native, weight_map
+
+
+ALIGN = 64  # torch's CPU int8/int4 kernels read weights and scales with aligned vector loads
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file whose data starts on a 64-byte boundary (the header is padded through its metadata),
+    so memory-mapped tensors whose sizes are multiples of 64 bytes stay aligned (model.py copies any other)."""
+    pad = 0
+    while True:
+        data = save(tensors, metadata={"format": "pt", "align": " " * pad})
+        misaligned = (8 + struct.unpack("<Q", data[:8])[0]) % ALIGN
+        if not misaligned:
+            path.write_bytes(data)
+            return
+        pad += ALIGN - misaligned
 
 
 def check_disk_space(model_dir: Path, needed: int) -> None:

@@ -1,18 +1,26 @@
-"""Load the converted checkpoint into transformers' native GlmForCausalLM at the plan's precision.
+"""Load the converted checkpoint into transformers' native GlmForCausalLM at the plan's precision, and warm it up.
 
-Nothing from the model folder is executed: the native class is used directly, and loading is strict.
+Nothing from the model folder is executed: the native class is used directly, and loading is strict. Two roads:
+- from_pretrained on the float16 cache: 16-bit, and bitsandbytes 4/8-bit (CUDA; the CPU on Windows);
+- the CPU cache already quantized for torch's int4/int8 kernels (cpu_quant.py): the model is built on the meta
+  device, its linear layers swapped for the quantized ones, and the memory-mapped tensors assigned as they are.
+Before the model is handed over, one short prompt runs through both the prefill and the decode path, so the
+first request does not pay for one-time set-up (oneDNN kernels, allocations).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .convert import ensure_converted
+from .cpu_quant import DENSE_FROM_TOKENS, swap_linears
 from .profiles import Plan
 from .tokenizer import ChatGLM2Tokenizer
 
@@ -57,12 +65,23 @@ def quantization_config(plan: Plan):
     )
 
 
-def load_model(model_dir: Path, plan: Plan) -> LoadedModel:
-    from transformers import GlmForCausalLM
-
+def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | None = None) -> LoadedModel:
+    """Convert once if needed (progress(fraction) while converting), load, check, warm up."""
     model_dir = Path(model_dir)
     tokenizer = ChatGLM2Tokenizer(model_dir / "tokenizer.model")
-    converted = ensure_converted(model_dir)
+    if plan.backend == "torch":
+        model = load_cpu_quantized(ensure_converted(model_dir, f"cpu-int{plan.bits}", progress), plan)
+    else:
+        model = load_pretrained(ensure_converted(model_dir, progress=progress), plan)
+    model.eval()
+    check_vocabulary(model, tokenizer)
+    warm_up(model, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir)
+
+
+def load_pretrained(converted: Path, plan: Plan):
+    from transformers import GlmForCausalLM
+
     log.info("loading %s on %s (%s): %s", converted, plan.device, plan.precision, plan.reason)
     model, info = GlmForCausalLM.from_pretrained(
         converted,
@@ -75,9 +94,58 @@ def load_model(model_dir: Path, plan: Plan) -> LoadedModel:
     if problems:
         raise ModelLoadError(f"the converted checkpoint does not match the model: {problems}; "
                              f"delete {converted} so it is converted again")
-    model.eval()
-    check_vocabulary(model, tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir)
+    return model
+
+
+def load_cpu_quantized(converted: Path, plan: Plan):
+    """The pre-quantized CPU cache, memory-mapped: nothing is copied or quantized here."""
+    from safetensors import safe_open
+    from transformers import GlmConfig, GlmForCausalLM
+
+    log.info("loading %s on the CPU (%s, torch's kernels): %s", converted, plan.precision, plan.reason)
+    fields = json.loads((converted / "config.json").read_text(encoding="utf-8"))
+    config = GlmConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "architectures",
+                                                                        "cpu_quantization")})
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    state, files = {}, []
+    for shard in sorted(converted.glob("model-*.safetensors")):
+        files.append(safe_open(str(shard), framework="pt"))  # kept open: the tensors live in the mapped file
+        state.update({name: aligned(files[-1].get_tensor(name)) for name in files[-1].keys()})
+    swap_linears(model, set(state))
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"the converted checkpoint does not match the model ({exc}); "
+                             f"delete {converted} so it is converted again") from exc
+    # buffers that are computed, not stored (the rotary frequencies), are still on the meta device: rebuild them
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ModelLoadError(f"not loaded: {', '.join(on_meta[:5])}")
+    model.mapped_files = files  # closing them would unmap the weights under the model
+    return model
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when 64-byte aligned (convert.save_aligned sees to it), else an aligned copy: torch's CPU
+    int8/int4 kernels read with aligned vector loads and crash otherwise."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+
+
+def warm_up(model, tokenizer: ChatGLM2Tokenizer) -> None:
+    """Run a prompt long enough for the prefill path, then one decode step (one-time set-up happens here)."""
+    from transformers import DynamicCache
+
+    from .generate import decode_one_token, prefill
+
+    length = min(DENSE_FROM_TOKENS.values())  # the dense prefill path of int8, the kernel path of int4
+    ids = (tokenizer.prompt_prefix() + tokenizer.sp.encode("你好 hello " * length))[:length]
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        token = int(prefill(model, ids, cache).argmax())
+        decode_one_token(model, token, cache)
 
 
 def check_vocabulary(model, tokenizer: ChatGLM2Tokenizer) -> None:

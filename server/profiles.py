@@ -6,6 +6,7 @@ The probe of the hardware is a plain function argument so tests can describe a G
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 from .config import Settings
@@ -45,10 +46,32 @@ class Plan:
     max_context: int
     profile: str
     reason: str
+    backend: str = ""  # dense, torch (torch's CPU int4/int8 kernels) or bnb (bitsandbytes); "" = the default
+
+    def __post_init__(self):
+        if not self.backend:
+            object.__setattr__(self, "backend", default_backend(self.device, self.bits))
+        if self.backend == "torch":  # torch's int4/int8 CPU kernels take bfloat16 activations
+            object.__setattr__(self, "dtype", "bfloat16")
 
     @property
     def precision(self) -> str:
         return f"{self.bits}-bit" if self.bits < 16 else self.dtype
+
+
+def default_backend(device: str, bits: int) -> str:
+    """Which code runs quantized weights, chosen by measurement (bench/bench_cpu.py, README "Performance").
+
+    CUDA: bitsandbytes. CPU: torch's own int4/int8 weight-only kernels, which decode faster than bitsandbytes
+    and are cached pre-quantized (ready in seconds). Not on Windows: torch's Windows builds (MSVC) compile
+    those kernels without their AVX2/AVX512 paths (measured under wine: 8-34x slower than the bfloat16
+    matmul), so bitsandbytes stays there.
+    """
+    if bits == 16:
+        return "dense"
+    if device == "cpu" and sys.platform != "win32":
+        return "torch"
+    return "bnb"
 
 
 def probe_hardware() -> Hardware:

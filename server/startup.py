@@ -31,6 +31,9 @@ def load_for(settings: Settings, report: Report | None = None, notice: Callable[
                 notice(gpu_notice)
         plan = plan_for(settings, hardware)
         log.info("profile %s on %s, %s: %s", plan.profile, plan.device, plan.precision, plan.reason)
-        return load_model(model_dir, plan)
+        report = report or (lambda state, **detail: None)
+        report("loading", progress=0.0)
+        return load_model(model_dir, plan, progress=lambda done: report("loading", progress=round(done, 4),
+                                                                         stage="converting"))
     except (ValueError, ConversionError, ModelLoadError) as exc:
         raise UserError(f"无法加载模型 / Cannot load the model: {exc}") from exc

@@ -12,8 +12,10 @@ every reply at once. That gives tests deterministic `length` and `stop` finishes
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece
@@ -60,8 +62,10 @@ def chatglm_config(padded_vocab_size: int, **shape) -> dict:
     return cfg
 
 
-def random_weights(cfg: dict, eos_bias: float, seed: int, byte_ids: list[int] = ()) -> dict[str, torch.Tensor]:
-    """Reference-named float16 tensors; dimension 0 of the residual stream is a constant (see module doc).
+def random_weights(cfg: dict, eos_bias: float, seed: int,
+                   byte_ids: list[int] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Reference-named float16 tensors, one at a time (a full-size model never sits in RAM); dimension 0 of the
+    residual stream is a constant (see module doc).
 
     Byte-fallback pieces get a lower logit the same way, so replies are mostly whole words, as with a real model.
     """
@@ -72,31 +76,36 @@ def random_weights(cfg: dict, eos_bias: float, seed: int, byte_ids: list[int] = 
     def rand(*shape, scale=None):
         return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
 
+    def half(t):
+        return t.to(torch.float16)
+
     embed = rand(vocab, h, scale=1.0)
     embed[:, 0] = 3.0
-    state = {"transformer.embedding.word_embeddings.weight": embed,
-             "transformer.rotary_pos_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, cfg["kv_channels"] // 2, 2)
-                                                                   / (cfg["kv_channels"] // 2))}
+    yield "transformer.embedding.word_embeddings.weight", half(embed)
+    del embed
+    yield "transformer.rotary_pos_emb.inv_freq", 1.0 / 10000 ** (torch.arange(0, cfg["kv_channels"] // 2, 2)
+                                                                 / (cfg["kv_channels"] // 2))
     for i in range(cfg["num_layers"]):
         p = f"transformer.encoder.layers.{i}."
         dense, down = rand(h, cfg["num_attention_heads"] * cfg["kv_channels"]), rand(h, ffn)
         dense[0], down[0] = 0.0, 0.0  # no layer writes dimension 0
-        state.update({
-            p + "input_layernorm.weight": 1.0 + 0.1 * rand(h, scale=1.0),
-            p + "self_attention.query_key_value.weight": rand(qkv_rows, h),
-            p + "self_attention.query_key_value.bias": 0.1 * rand(qkv_rows, scale=1.0),
-            p + "self_attention.dense.weight": dense,
-            p + "post_attention_layernorm.weight": 1.0 + 0.1 * rand(h, scale=1.0),
-            p + "mlp.dense_h_to_4h.weight": rand(2 * ffn, h),
-            p + "mlp.dense_4h_to_h.weight": down,
-        })
+        yield p + "input_layernorm.weight", half(1.0 + 0.1 * rand(h, scale=1.0))
+        yield p + "self_attention.query_key_value.weight", half(rand(qkv_rows, h))
+        yield p + "self_attention.query_key_value.bias", half(0.1 * rand(qkv_rows, scale=1.0))
+        yield p + "self_attention.dense.weight", half(dense)
+        yield p + "post_attention_layernorm.weight", half(1.0 + 0.1 * rand(h, scale=1.0))
+        yield p + "mlp.dense_h_to_4h.weight", half(rand(2 * ffn, h))
+        yield p + "mlp.dense_4h_to_h.weight", half(down)
     head = rand(vocab, h, scale=1.0)
     head[:, 0] = 0.0
     head[2, 0] = eos_bias
     head[list(byte_ids), 0] = -10.0
-    state["transformer.encoder.final_layernorm.weight"] = torch.ones(h)
-    state["transformer.output_layer.weight"] = head
-    return {k: v.to(torch.float16) if k != "transformer.rotary_pos_emb.inv_freq" else v for k, v in state.items()}
+    yield "transformer.encoder.final_layernorm.weight", half(torch.ones(h))
+    yield "transformer.output_layer.weight", half(head)
+
+
+def tensor_count(cfg: dict) -> int:
+    return 2 + 7 * cfg["num_layers"] + 2
 
 
 def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, shards: int = 2,
@@ -118,16 +127,16 @@ def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, sh
         indent=2), encoding="utf-8")
     (folder / "modeling_chatglm.py").write_text("raise RuntimeError('remote code must never run')\n")
 
-    state = random_weights(cfg, eos_bias, seed, [i for i in range(n_pieces) if sp.is_byte(i)])
-    names = list(state)
-    per_shard = -(-len(names) // shards)
-    weight_map = {}
-    for i in range(shards):
+    tensors = random_weights(cfg, eos_bias, seed, [i for i in range(n_pieces) if sp.is_byte(i)])
+    per_shard = -(-tensor_count(cfg) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):  # one shard in RAM at a time
         shard_name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = {n: state[n] for n in names[i * per_shard:(i + 1) * per_shard]}
+        part = dict(itertools.islice(tensors, per_shard))
         torch.save(part, folder / shard_name)
         weight_map.update({n: shard_name for n in part})
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        del part
     (folder / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
     return folder

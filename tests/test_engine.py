@@ -1,5 +1,6 @@
 """The generation engine on the tiny model: streaming, determinism, budget, interrupt, queue, error recovery."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -203,11 +204,15 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_bitsandbytes_quantized_model_on_cpu(tiny_checkpoint, tiny_model, engine_for, bits):
-    loaded = load_model(tiny_checkpoint, cpu_plan(bits=bits, dtype="bfloat16"))
+@pytest.mark.parametrize("backend, bits, layer_type", [
+    ("bnb", 8, "Linear8bitLt"), ("bnb", 4, "Linear4bit"),  # CUDA's backend (and the CPU's on Windows)
+    ("torch", 8, "Int8Linear"), ("torch", 4, "Int4Linear"),  # the CPU's: torch's own kernels, cached quantized
+])
+def test_quantized_model_on_cpu(tiny_checkpoint, tiny_model, engine_for, backend, bits, layer_type):
+    plan = dataclasses.replace(cpu_plan(bits=bits, dtype="bfloat16"), backend=backend)
+    loaded = load_model(tiny_checkpoint, plan)
     layer = loaded.model.model.layers[0].mlp.gate_up_proj
-    assert type(layer).__module__.startswith("bitsandbytes")
+    assert type(layer).__name__ == layer_type
     ids = torch.tensor([loaded.tokenizer.build_prompt("hello world", [])])
     with torch.no_grad():
         quant, exact = loaded.model(ids).logits[0, -1].float(), tiny_model.model(ids).logits[0, -1]

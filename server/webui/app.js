@@ -138,7 +138,9 @@ function healthText(h) {
     const p = typeof h.progress === "number" ? (h.progress * 100).toFixed(1) + "%" : "…";
     return t("downloading", {p});
   }
-  if (h.status === "loading") return t("loading");
+  if (h.status === "loading") {
+    return t("loading") + (typeof h.progress === "number" && h.progress > 0 ? ` ${(h.progress * 100).toFixed(0)}%` : "");
+  }
   if (h.status === "error") return t("loadError", {m: h.error || ""});
   return "";
 }

@@ -1,0 +1,281 @@
+"""The full-size model on the CPU: first start, memory, speed and output quality per backend, in one run.
+
+    python bench/bench_cpu.py --dir /data/bench-full                 # writes the 12.5 GB checkpoint once
+    python bench/bench_cpu.py --dir /data/bench-full --layers 4      # a quicker slice of the same shape
+    python bench/bench_cpu.py --dir /data/bench-full --configs torch-4,bnb-4 --gguf Q4_0=/data/q4_0.gguf
+
+The checkpoint is ChatGLM2-6B-shaped with random weights and the real tokenizer when ../shared has it (7 `.bin`
+shards in the hub layout). Each configuration runs in a fresh process (so its memory peaks are its own):
+conversion (first start), loading to ready (a later start: the converted cache exists; warm-up included),
+peak RSS and peak anonymous memory (sampled every 20 ms), steady memory, time to first token of the first
+and of a later short request, decode tokens/s of a 64-token greedy reply, and prefill tokens/s of a
+1,000-token prompt without any cache. Two probes run in the same process: memory read bandwidth (a sum over a
+2 GB bfloat16 tensor) and bfloat16 matmul throughput; decode is reported against the bandwidth limit (bytes of
+weights read per token / bandwidth) and prefill against the matmul throughput. Quality: mean KL divergence and
+top-1 agreement of next-token distributions against the bfloat16 run on a fixed 128-token text (relative only:
+the weights are random). With --gguf and llama-cpp-python installed (built from source; optional), llama.cpp
+runs the same measurements on a GGUF of the same weights, with 2 threads, and the ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine import REAL_TOKENIZER, SIX_B  # noqa: E402
+
+CONFIGS = ("dense-16", "torch-4", "torch-8", "bnb-4", "bnb-8")
+QUALITY_TEXT = ("北京是中华人民共和国的首都，历史悠久，文化灿烂。The quick brown fox jumps over the lazy dog. "
+                "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n") * 8
+
+
+def status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(key + r":\s+(\d+)", text).group(1))
+
+
+class MemoryPeaks:
+    """Peak RSS (the kernel's VmHWM) and peak anonymous RSS (sampled) of this process, in GB."""
+
+    def __init__(self):
+        self.anon = 0
+        self.running = True
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def sample(self):
+        while self.running:
+            self.anon = max(self.anon, status_kb("RssAnon"))
+            time.sleep(0.02)
+
+    def now(self) -> dict:
+        return {"peak_rss_gb": status_kb("VmHWM") / 1e6, "peak_anon_gb": max(self.anon, status_kb("RssAnon")) / 1e6,
+                "rss_gb": status_kb("VmRSS") / 1e6, "anon_gb": status_kb("RssAnon") / 1e6}
+
+
+def bandwidth_gbs() -> float:
+    import torch
+
+    x = torch.ones(1024**3, dtype=torch.bfloat16)  # 2 GB
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    return 5 * x.numel() * 2 / (time.perf_counter() - start) / 1e9
+
+
+def matmul_gflops() -> float:
+    import torch
+
+    a, b = torch.randn(1024, 4096, dtype=torch.bfloat16), torch.randn(4096, 13696, dtype=torch.bfloat16)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * 1024 * 4096 * 13696 / (time.perf_counter() - start) / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read)."""
+    total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if "embed_tokens" not in n and "rotary" not in n)
+    return int(total)
+
+
+def matmul_params(config) -> int:
+    """Weights one token multiplies (every linear layer and the output layer): prefill costs 2 FLOPs each."""
+    h, head_dim = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    return config.num_hidden_layers * layer + config.vocab_size * h
+
+
+def quality_ids(tokenizer) -> list[int]:
+    return (tokenizer.prompt_prefix() + tokenizer.sp.encode(QUALITY_TEXT))[:128]
+
+
+# -- one configuration, in its own process -----------------------------------------------------------------------
+def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference: Path) -> dict:
+    import torch
+
+    from server.convert import ensure_converted
+    from server.generate import Sampling, generate_ids, prefill
+    from server.model import load_model
+    from server.profiles import Plan
+    from transformers import DynamicCache
+
+    peaks = MemoryPeaks()
+    backend, bits = config.removesuffix(":convert").split("-")
+    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
+    if config.endswith(":convert"):  # the first start's conversion, in a process of its own
+        fmt = f"cpu-int{bits}" if backend == "torch" else "float16"
+        start = time.perf_counter()
+        ensure_converted(folder, fmt)
+        return {"convert_s": time.perf_counter() - start, "convert_mem": peaks.now()}
+    result = {"config": config}
+    start = time.perf_counter()
+    loaded = load_model(folder, plan)  # the converted cache exists now: this is what a later start costs
+    result["ready_s"] = time.perf_counter() - start
+    result["load_mem"] = peaks.now()
+    model, tok = loaded.model, loaded.tokenizer
+    mask = torch.zeros(model.config.vocab_size)
+
+    def ttft(query: str) -> float:
+        ids = tok.build_prompt(query, [])
+        begin = time.perf_counter()
+        next(generate_ids(model, ids, 1, Sampling(temperature=0), mask))
+        return time.perf_counter() - begin
+
+    result["first_ttft_s"] = ttft("你好，请介绍一下你自己。")
+    result["later_ttft_s"] = min(ttft("你好，请介绍一下你自己。") for _ in range(2))
+    ids = tok.build_prompt("请写一篇关于春天的短文。", [])
+    begin = time.perf_counter()
+    stamps = []
+    for _ in generate_ids(model, ids, tokens, Sampling(temperature=0), mask):
+        stamps.append(time.perf_counter())
+    result["decode_tps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    result["bytes_per_token"] = weight_bytes_per_token(model)
+    result["params_per_token"] = matmul_params(model.config)
+    long_ids = (tok.prompt_prefix() + tok.sp.encode("春天来了，万物复苏。" * prompt_tokens))[:prompt_tokens]
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        begin = time.perf_counter()
+        prefill(model, long_ids, cache)
+        result["prefill_tps"] = prompt_tokens / (time.perf_counter() - begin)
+        logits = model(torch.tensor([quality_ids(tok)])).logits[0].float()
+    if config == "dense-16":
+        torch.save(logits, reference)
+    elif reference.exists():
+        ref = torch.load(reference)
+        log_p, log_q = ref.log_softmax(-1), logits.log_softmax(-1)
+        result["kl_vs_bf16"] = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        result["top1_vs_bf16"] = float((ref.argmax(-1) == logits.argmax(-1)).float().mean())
+    result["steady_mem"] = peaks.now()
+    return result
+
+
+def llama_worker(gguf: str, tokens: int, prompt_tokens: int) -> dict:
+    """The same speed figures from llama.cpp (llama-cpp-python), 2 threads, no prompt cache reuse."""
+    from llama_cpp import Llama
+
+    peaks = MemoryPeaks()
+    start = time.perf_counter()
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+    result = {"config": f"llama.cpp {Path(gguf).stem}", "ready_s": time.perf_counter() - start}
+    prompt = llm.tokenize("请写一篇关于春天的短文。".encode())
+    llm.reset()
+    llm.eval(prompt)
+    stamps = []
+    token = int(llm.scores[llm.n_tokens - 1].argmax())
+    for _ in range(tokens):
+        llm.eval([token])
+        stamps.append(time.perf_counter())
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+    result["decode_tps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    long_ids = llm.tokenize(("春天来了，万物复苏。" * prompt_tokens).encode())[:prompt_tokens]
+    llm.reset()
+    begin = time.perf_counter()
+    llm.eval(long_ids)
+    result["prefill_tps"] = len(long_ids) / (time.perf_counter() - begin)
+    result["steady_mem"] = peaks.now()
+    return result
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+def run_worker(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, required=True, help="the bench checkpoint (written when missing)")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--configs", default="dense-16,torch-4,torch-8,bnb-4", help=f"comma list of {CONFIGS}")
+    parser.add_argument("--tokens", type=int, default=64, help="reply tokens for decode speed")
+    parser.add_argument("--prompt-tokens", type=int, default=1000, help="prompt tokens for prefill speed")
+    parser.add_argument("--gguf", action="append", default=[], help="NAME=path of a GGUF for llama.cpp (repeatable)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    reference = args.dir / "bench-bf16-logits.pt"
+    if args.worker:
+        if args.worker.startswith("llama="):
+            result = llama_worker(args.worker[len("llama="):], args.tokens, args.prompt_tokens)
+        else:
+            result = worker(args.dir, args.worker, args.tokens, args.prompt_tokens, reference)
+        print("RESULT " + json.dumps(result))
+        return
+
+    import platform
+
+    import torch
+
+    if not (args.dir / "config.json").exists():
+        from tests.checkpoint_factory import write_checkpoint
+
+        start = time.perf_counter()
+        write_checkpoint(args.dir, num_layers=args.layers, shards=7 if args.layers == 28 else 2,
+                         tokenizer=REAL_TOKENIZER if REAL_TOKENIZER.exists() else None, **SIX_B)
+        print(f"wrote the checkpoint in {time.perf_counter() - start:.0f} s")
+    shards = sorted(args.dir.glob("pytorch_model-*.bin"))
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"checkpoint: {json.loads((args.dir / 'config.json').read_text())['num_layers']} layers, "
+          f"{sum(s.stat().st_size for s in shards) / 1e9:.2f} GB in {len(shards)} shards "
+          f"(largest {max(s.stat().st_size for s in shards) / 1e9:.2f} GB)")
+    results = []
+    for config in args.configs.split(","):
+        converted = run_worker(["--dir", str(args.dir), "--worker", config + ":convert"])
+        bandwidth, gflops = bandwidth_gbs(), matmul_gflops()  # probes right before, in the same run
+        r = run_worker(["--dir", str(args.dir), "--worker", config, "--tokens", str(args.tokens),
+                        "--prompt-tokens", str(args.prompt_tokens)])
+        r.update(converted)
+        r.update(bandwidth_gbs=bandwidth, matmul_gflops=gflops)
+        results.append(r)
+        print_result(r)
+    for spec in args.gguf:
+        name, path = spec.split("=", 1)
+        r = run_worker(["--dir", str(args.dir), "--worker", f"llama={path}", "--tokens", str(args.tokens),
+                        "--prompt-tokens", str(args.prompt_tokens)])
+        r["config"] = f"llama.cpp {name}"
+        results.append(r)
+        print(f"{r['config']}: ready {r['ready_s']:.1f} s, decode {r['decode_tps']:.2f} tok/s, prefill "
+              f"{r['prefill_tps']:.1f} tok/s, steady RSS {r['steady_mem']['rss_gb']:.1f} GB")
+    ours = {r["config"]: r for r in results if not r["config"].startswith("llama")}
+    for r in results:
+        if r["config"].startswith("llama"):
+            for mine in ours.values():
+                print(f"{mine['config']} / {r['config']}: decode {mine['decode_tps'] / r['decode_tps']:.2f}, "
+                      f"prefill {mine['prefill_tps'] / r['prefill_tps']:.2f}")
+    print(json.dumps(results))
+
+
+def print_result(r: dict) -> None:
+    limit = r["bandwidth_gbs"] * 1e9 / r["bytes_per_token"]
+    prefill_gflops = r["prefill_tps"] * 2 * r["params_per_token"] / 1e9
+    quality = (f", KL vs bf16 {r['kl_vs_bf16']:.4f}, top-1 agreement {r['top1_vs_bf16']:.3f}"
+               if "kl_vs_bf16" in r else "")
+    print(f"{r['config']}: convert {r['convert_s']:.0f} s (peak RSS {r['convert_mem']['peak_rss_gb']:.1f} GB, "
+          f"anon {r['convert_mem']['peak_anon_gb']:.1f}); ready after {r['ready_s']:.1f} s (peak RSS "
+          f"{r['load_mem']['peak_rss_gb']:.1f} GB, anon {r['load_mem']['peak_anon_gb']:.1f}); steady RSS "
+          f"{r['steady_mem']['rss_gb']:.1f} GB, anon {r['steady_mem']['anon_gb']:.1f}\n"
+          f"    TTFT first {r['first_ttft_s']:.2f} s, later {r['later_ttft_s']:.2f} s; decode "
+          f"{r['decode_tps']:.2f} tok/s = {r['decode_tps'] / limit:.2f} of the bandwidth limit ({limit:.1f} tok/s "
+          f"at {r['bandwidth_gbs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.2f} GB/token); prefill "
+          f"{r['prefill_tps']:.1f} tok/s = {prefill_gflops:.0f} GFLOPS = {prefill_gflops / r['matmul_gflops']:.2f} "
+          f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Weight-only 4-bit and 8-bit linear layers for the CPU, on the quantized matmul kernels that ship with torch.
+
+Why not bitsandbytes on the CPU: measured on the full-size model (bench/bench_cpu.py), it quantizes at every
+load (minutes), holds the float16 checkpoint mapped while doing so (~19 GB RSS at 4-bit) and decodes slower than
+torch's own kernels. These need no extra package and no compiler (the Windows bundle's story stays simple):
+
+- int4: `aten._weight_int4pack_mm_for_cpu`, asymmetric groups of GROUP weights along K, each group with a
+  bfloat16 scale and zero (w = (q - 8) * scale + zero; about 4.5 bits per weight, like llama.cpp's Q4_0/Q4_1).
+- int8: `aten._weight_int8pack_mm`, symmetric per output row (w = q * scale).
+
+Decoding multiplies one token's activations by each matrix, which these kernels do while reading the compact
+weights. A prompt of many tokens is compute-bound instead: there the weights are expanded to bfloat16 one matrix
+at a time and multiplied with the oneDNN bfloat16 GEMM, which is several times faster at that size.
+
+Quantized tensors are computed once and cached on disk in exactly the layout the kernels take (convert.py), so a
+later start memory-maps them and is ready in seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP = 32  # int4 weights per scale/zero pair along K
+BLOCK_N = 64  # the int4 packer lays out blocks of this many output rows (with AVX512; fewer rows pack otherwise)
+# From this many tokens on (prefill), expanding the weights to bfloat16 and using the dense GEMM beats the
+# quantized kernel (measured with the 6B shapes: int8 expands in ~90 ms per 100 M weights, int4 in ~170 ms).
+DENSE_FROM_TOKENS = {8: 32, 4: 128}
+
+
+def int4_fits(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return n % BLOCK_N == 0 and k % GROUP == 0
+
+
+AVX512_ROWS = torch.arange(BLOCK_N).view(2, BLOCK_N // 2).t().reshape(-1)  # 0, 32, 1, 33, …
+
+
+@functools.cache
+def int4_block_rows() -> torch.Tensor | None:
+    """Which row of a 64-row block each packed nibble holds, for one k (low nibble of each byte first).
+
+    The packed layout is torch's and depends on the CPU's vector width, so the packer itself is asked, with one
+    64x2 probe. None when it is not a 64-row block layout: prefill then runs on the int4 kernel too.
+    """
+    rows = torch.arange(BLOCK_N, dtype=torch.int32)
+
+    def nibbles(values: torch.Tensor) -> torch.Tensor:  # the first k's nibbles of the packed probe
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:, None].repeat(1, 2), 1)
+        first_k = packed.reshape(-1)[: BLOCK_N // 2]
+        return torch.stack((first_k & 15, first_k >> 4), dim=-1).reshape(-1).long()
+
+    order = nibbles(rows % 16) + 16 * nibbles(rows // 16)
+    return order if torch.equal(order.sort().values, rows.long()) else None
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (packed uint8 [N, K/2] in the kernel's layout, scales_and_zeros bf16 [K/G, N, 2])."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+    scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 [N, K] weight back from the kernel's layout: blocks of 64 rows, and for each k 32 bytes
+    holding the block's rows in int4_block_rows() order (with AVX512: byte j holds rows j and 32 + j)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n // BLOCK_N, k, BLOCK_N // 2)
+    order = int4_block_rows()
+    q = torch.empty(n // BLOCK_N, 2, BLOCK_N // 2, k, dtype=torch.bfloat16)
+    q[:, 0].copy_((blocks & 15).transpose(1, 2))  # one pass each, casting while copying
+    q[:, 1].copy_((blocks >> 4).transpose(1, 2))
+    if not torch.equal(order, AVX512_ROWS):  # another nibble order: put rows in place (slower, still right)
+        q = q.view(n // BLOCK_N, BLOCK_N, k).index_select(1, order.argsort())
+    scale, zero = scales_zeros.transpose(0, 1).unbind(-1)  # [N, K/G] each
+    q = q.reshape(n, k // GROUP, GROUP)
+    return q.mul_(scale.unsqueeze(-1)).add_((zero - 8 * scale).unsqueeze(-1)).view(n, k)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (int8 [N, K], bf16 scales [N])."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(torch.bfloat16)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4 bits (see module doc). Buffers are filled by load_state_dict(assign=True)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_int4 = nn.Buffer(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.scales_zeros = nn.Buffer(torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
+                                                  device=device))
+        self.bias = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.shape[0] >= DENSE_FROM_TOKENS[4] and int4_block_rows() is not None:
+            y = F.linear(x, dequantize_int4(self.weight_int4, self.scales_zeros))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W in 8 bits per output row (see module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.shape[0] >= DENSE_FROM_TOKENS[8]:
+            y = F.linear(x, self.weight_int8.to(torch.bfloat16).mul_(self.scales[:, None]))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantized_tensors(name: str, weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """The cache entries for the weight `<module>.weight` of a linear layer at `bits` (bf16 when it cannot)."""
+    module = name.removesuffix(".weight")
+    if bits == 4 and int4_fits(weight):
+        packed, scales_zeros = quantize_int4(weight)
+        return {f"{module}.weight_int4": packed, f"{module}.scales_zeros": scales_zeros}
+    if bits in (4, 8):  # a shape the int4 packer lays out otherwise: 8 bits
+        q, scale = quantize_int8(weight)
+        return {f"{module}.weight_int8": q, f"{module}.scales": scale}
+    return {name: weight.to(torch.bfloat16)}
+
+
+def swap_linears(model: nn.Module, state_names: set[str]) -> None:
+    """Replace each nn.Linear whose quantized tensors are in the cache by the matching quantized module."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        kind = next((k for marker, k in (("weight_int4", Int4Linear), ("weight_int8", Int8Linear))
+                     if f"{name}.{marker}" in state_names), None)
+        if kind:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, kind(module.in_features, module.out_features, module.bias is not None,
+                                        device=module.weight.device))

@@ -1,0 +1,119 @@
+"""torch's CPU int4/int8 kernels: quantization, the packed layout, the pre-quantized cache, and the model on it."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from server import convert, cpu_quant
+from server.cpu_quant import dequantize_int4, int4_block_rows, quantize_int4, quantize_int8
+from server.model import load_model
+from tests.conftest import cpu_plan
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+def test_int4_round_trip_is_within_half_a_step(weight):
+    packed, scales_zeros = quantize_int4(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, 64)
+    assert scales_zeros.shape == (128 // cpu_quant.GROUP, 256, 2)
+    groups = weight.reshape(256, -1, cpu_quant.GROUP)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(cpu_quant.GROUP, dim=1)
+    error = (dequantize_int4(packed, scales_zeros).float() - weight).abs()
+    assert (error <= step / 2 + 2e-3).all()  # + bfloat16 rounding of scale, zero and result
+
+
+def test_the_packed_layout_is_read_from_the_packer_itself():
+    order = int4_block_rows()
+    assert order is not None, "this CPU packs 64-row blocks (AVX512); elsewhere prefill falls back to the kernel"
+    assert sorted(order.tolist()) == list(range(64))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, max(cpu_quant.DENSE_FROM_TOKENS.values()) + 3])  # kernels; dense
+def test_layers_compute_what_their_dequantized_weights_say(weight, tokens):
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))
+    for kind, tensors, dense in [
+        (cpu_quant.Int4Linear, quantize_int4(weight), lambda t: dequantize_int4(*t).float()),
+        (cpu_quant.Int8Linear, quantize_int8(weight), lambda t: t[0].float() * t[1].float()[:, None]),
+    ]:
+        layer = kind(128, 256, bias=True)
+        bias = torch.randn(256).to(torch.bfloat16)
+        names = ["weight_int4", "scales_zeros"] if kind is cpu_quant.Int4Linear else ["weight_int8", "scales"]
+        layer.load_state_dict({**dict(zip(names, tensors)), "bias": bias}, assign=True)
+        expected = x @ dense(tensors).T + bias.float()
+        got = layer(x[None]).float()[0]
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() < 0.02 * expected.abs().max(), kind.__name__
+
+
+def test_int8_round_trip_is_within_half_a_step(weight):
+    q, scale = quantize_int8(weight)
+    error = (q.float() * scale.float()[:, None] - weight).abs()
+    assert (error <= scale.float()[:, None] / 2 + 1e-3).all()
+
+
+@pytest.fixture(scope="module")
+def int4_model(tiny_checkpoint):
+    return load_model(tiny_checkpoint, cpu_plan(bits=4))
+
+
+def test_the_cpu_backend_is_the_default_off_windows_and_computes_in_bfloat16():
+    plan = cpu_plan(bits=4)
+    assert plan.backend == ("bnb" if os.name == "nt" else "torch") and plan.dtype == "bfloat16"
+    assert cpu_plan(bits=16).backend == "dense"
+    assert dataclasses.replace(plan, device="cuda", backend="").backend == "bnb"
+
+
+def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_it(tiny_checkpoint, int4_model,
+                                                                                   monkeypatch):
+    from safetensors import safe_open
+
+    cache = convert.cache_dir(tiny_checkpoint, "cpu-int4")
+    names = set()
+    for shard in cache.glob("model-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            names |= set(f.keys())
+            assert all(f.get_tensor(n).data_ptr() % convert.ALIGN == 0 for n in f.keys())
+    assert "model.layers.0.mlp.gate_up_proj.weight_int4" in names
+    assert "lm_head.weight_int8" in names  # the output layer keeps 8 bits
+    assert "model.embed_tokens.weight" in names  # bfloat16
+    assert type(int4_model.model.lm_head).__name__ == "Int8Linear"
+    monkeypatch.setattr(cpu_quant, "quantize_int4", lambda *a: pytest.fail("a later start must not quantize"))
+    before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    again = load_model(tiny_checkpoint, cpu_plan(bits=4))
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+    assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_logits_stay_close_to_bfloat16(tiny_checkpoint, tiny_model, bits, int4_model):
+    loaded = int4_model if bits == 4 else load_model(tiny_checkpoint, cpu_plan(bits=8))
+    for length in (6, 140):  # the kernels' path and the prefill path
+        ids = torch.tensor([(loaded.tokenizer.build_prompt("hello world 你好 " * 40, []))[:length]])
+        with torch.no_grad():
+            quant, exact = loaded.model(ids).logits[0, -1].float(), tiny_model.model(ids).logits[0, -1]
+        assert torch.corrcoef(torch.stack([quant, exact]))[0, 1] > (0.99 if bits == 8 else 0.97)
+
+
+def test_conversion_reports_progress_up_to_one(tmp_path):
+    from tests.checkpoint_factory import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "m", shards=3)
+    seen = []
+    convert.ensure_converted(folder, "cpu-int8", progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) > 3
+
+
+def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
+    from tests.checkpoint_factory import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "m")
+    stale = folder / ".converted-cpu-int4.tmp-999999"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    convert.ensure_converted(folder, "cpu-int4")
+    assert not stale.exists() and convert.is_current(folder, "cpu-int4")
