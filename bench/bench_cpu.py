@@ -75,12 +75,13 @@ def bandwidth_gbs() -> float:
 def matmul_gflops() -> float:
     import torch
 
-    a, b = torch.randn(1024, 4096, dtype=torch.bfloat16), torch.randn(4096, 13696, dtype=torch.bfloat16)
-    a @ b
+    # the shape of the model's largest matmul in a 512-token prefill, as nn.Linear computes it
+    x, w = torch.randn(512, 4096, dtype=torch.bfloat16), torch.randn(27392, 4096, dtype=torch.bfloat16)
+    torch.nn.functional.linear(x, w)
     start = time.perf_counter()
     for _ in range(3):
-        a @ b
-    return 3 * 2 * 1024 * 4096 * 13696 / (time.perf_counter() - start) / 1e9
+        torch.nn.functional.linear(x, w)
+    return 3 * 2 * 512 * 4096 * 27392 / (time.perf_counter() - start) / 1e9
 
 
 def weight_bytes_per_token(model) -> int:

@@ -57,6 +57,13 @@ class Settings:
         "compute dtype; auto = float16 on CUDA, bfloat16 on CPU; float32 gives the reference's exact logits",
         choices=("auto", "float16", "bfloat16", "float32"),
     )
+    cpu_backend: str = option(
+        "auto",
+        "what runs 4/8-bit weights on the CPU: torch = torch's own int4/int8 kernels, quantized once and cached "
+        "(ready in seconds, least memory); bnb = bitsandbytes (quantizes at every start); auto = torch, but bnb "
+        "on Windows (see README, Performance)",
+        choices=("auto", "torch", "bnb"),
+    )
     max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's")
     max_queue: int = option(8, "jobs that may wait for the model; more are refused as busy")
     reply_reserve: int = option(512, "tokens kept free for the reply when old history rounds are dropped")

@@ -14,6 +14,7 @@ from .config import Settings
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+WINDOWS_DENSE_MIN_RAM_GIB = 24  # the bfloat16 model holds 12.5 GB; leave room for Windows and a browser
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Hardware:
     free_bytes: int = 0  # free memory of the CUDA device
     bf16: bool = False  # whether the CUDA device supports bfloat16
     name: str = "cpu"
+    ram_bytes: int = 0  # the machine's RAM (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Plan:
 
     def __post_init__(self):
         if not self.backend:
-            object.__setattr__(self, "backend", default_backend(self.device, self.bits))
+            object.__setattr__(self, "backend", default_backend(self.device, self.bits, self.dtype))
         if self.backend == "torch":  # torch's int4/int8 CPU kernels take bfloat16 activations
             object.__setattr__(self, "dtype", "bfloat16")
 
@@ -59,17 +61,18 @@ class Plan:
         return f"{self.bits}-bit" if self.bits < 16 else self.dtype
 
 
-def default_backend(device: str, bits: int) -> str:
+def default_backend(device: str, bits: int, dtype: str = "bfloat16") -> str:
     """Which code runs quantized weights, chosen by measurement (bench/bench_cpu.py, README "Performance").
 
     CUDA: bitsandbytes. CPU: torch's own int4/int8 weight-only kernels, which decode faster than bitsandbytes
     and are cached pre-quantized (ready in seconds). Not on Windows: torch's Windows builds (MSVC) compile
     those kernels without their AVX2/AVX512 paths (measured under wine: 8-34x slower than the bfloat16
-    matmul), so bitsandbytes stays there.
+    matmul), so bitsandbytes stays there. torch's kernels compute in bfloat16: another compute dtype asked
+    for (float32 for exactness) keeps bitsandbytes too.
     """
     if bits == 16:
         return "dense"
-    if device == "cpu" and sys.platform != "win32":
+    if device == "cpu" and sys.platform != "win32" and dtype == "bfloat16":
         return "torch"
     return "bnb"
 
@@ -78,10 +81,19 @@ def probe_hardware() -> Hardware:
     import torch
 
     if not torch.cuda.is_available():
-        return Hardware(cuda=False)
+        return Hardware(cuda=False, ram_bytes=total_ram())
     free, _total = torch.cuda.mem_get_info()
     return Hardware(cuda=True, free_bytes=free, bf16=torch.cuda.is_bf16_supported(),
                     name=torch.cuda.get_device_name())
+
+
+def total_ram() -> int:
+    try:
+        import psutil  # installed with accelerate
+
+        return psutil.virtual_memory().total
+    except ImportError:
+        return 0
 
 
 def plan_for(settings: Settings, hardware: Hardware) -> Plan:
@@ -101,13 +113,20 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
 
     dtype = _dtype(settings.dtype, device, hardware)
     max_context = settings.max_context or PROFILES[profile].max_context
-    return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason)
+    backend = settings.cpu_backend if device == "cpu" and bits < 16 and settings.cpu_backend != "auto" else ""
+    return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason,
+                backend=backend)
 
 
 def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
     if device == "cpu":
-        # Measured on CPU (bench/): bitsandbytes 4-bit decodes fastest and needs ~4 GB of RAM, so it fits 16 GB.
-        return "low", "no CUDA GPU: CPU with 4-bit weights (fastest on CPU, fits in 16 GB of RAM)"
+        if sys.platform == "win32" and hardware.ram_bytes >= WINDOWS_DENSE_MIN_RAM_GIB * GIB:
+            # Measured under wine on torch's Windows build: its int4/int8 kernels and bitsandbytes (no CPU library
+            # in its Windows wheel) decode 4-7x slower than the bfloat16 matmul; with RAM for 12.5 GB it wins.
+            return "high", (f"no CUDA GPU, Windows with {hardware.ram_bytes / GIB:.0f} GiB of RAM: bfloat16 weights "
+                            "(quantized kernels are slow in Windows builds of torch)")
+        # Measured on the full-size model (bench/bench_cpu.py): 4-bit decodes fastest on the CPU and maps ~4.5 GB.
+        return "low", "no CUDA GPU: CPU with 4-bit weights (fastest on the CPU, fits in 16 GB of RAM)"
     free_gib = hardware.free_bytes / GIB
     for name in ("high", "mid", "low"):
         if free_gib >= PROFILES[name].min_free_gib:

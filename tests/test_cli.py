@@ -110,3 +110,29 @@ def test_http_layer_starts_without_the_model_stack():
             "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.parametrize("asked, platform, expected", [
+    ("auto", "linux", "torch"), ("auto", "win32", "bnb"), ("bnb", "linux", "bnb"), ("torch", "win32", "torch"),
+])
+def test_cpu_backend_follows_the_setting_and_the_platform(monkeypatch, asked, platform, expected):
+    import server.profiles
+
+    monkeypatch.setattr(server.profiles.sys, "platform", platform)
+    plan = plan_for(Settings(cpu_backend=asked), CPU)
+    assert plan.device == "cpu" and plan.bits == 4 and plan.backend == expected
+    assert plan_for(Settings(cpu_backend=asked, quantize=16), CPU).backend == "dense"
+    gpu = Hardware(cuda=True, free_bytes=6 * GIB, name="RTX 3060")
+    assert plan_for(Settings(cpu_backend=asked), gpu).backend == "bnb"  # the setting is about the CPU only
+
+
+@pytest.mark.parametrize("platform, ram_gib, profile", [
+    ("linux", 64, "low"), ("win32", 16, "low"), ("win32", 32, "high"),
+])
+def test_cpu_auto_profile_on_windows_takes_bfloat16_when_ram_allows(monkeypatch, platform, ram_gib, profile):
+    import server.profiles
+
+    monkeypatch.setattr(server.profiles.sys, "platform", platform)
+    plan = plan_for(Settings(), Hardware(cuda=False, ram_bytes=ram_gib * GIB))
+    assert plan.device == "cpu" and plan.profile == profile
+    assert plan.bits == (16 if profile == "high" else 4) and plan.dtype == "bfloat16"

@@ -58,13 +58,14 @@ def test_int8_round_trip_is_within_half_a_step(weight):
 
 @pytest.fixture(scope="module")
 def int4_model(tiny_checkpoint):
-    return load_model(tiny_checkpoint, cpu_plan(bits=4))
+    return load_model(tiny_checkpoint, cpu_plan(bits=4, dtype="bfloat16"))
 
 
 def test_the_cpu_backend_is_the_default_off_windows_and_computes_in_bfloat16():
-    plan = cpu_plan(bits=4)
+    plan = cpu_plan(bits=4, dtype="bfloat16")
     assert plan.backend == ("bnb" if os.name == "nt" else "torch") and plan.dtype == "bfloat16"
     assert cpu_plan(bits=16).backend == "dense"
+    assert cpu_plan(bits=4, dtype="float32").backend == "bnb"  # float32 compute asked for: bitsandbytes has it
     assert dataclasses.replace(plan, device="cuda", backend="").backend == "bnb"
 
 
@@ -84,14 +85,14 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
     assert type(int4_model.model.lm_head).__name__ == "Int8Linear"
     monkeypatch.setattr(cpu_quant, "quantize_int4", lambda *a: pytest.fail("a later start must not quantize"))
     before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    again = load_model(tiny_checkpoint, cpu_plan(bits=4))
+    again = load_model(tiny_checkpoint, cpu_plan(bits=4, dtype="bfloat16"))
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_logits_stay_close_to_bfloat16(tiny_checkpoint, tiny_model, bits, int4_model):
-    loaded = int4_model if bits == 4 else load_model(tiny_checkpoint, cpu_plan(bits=8))
+    loaded = int4_model if bits == 4 else load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
     for length in (6, 140):  # the kernels' path and the prefill path
         ids = torch.tensor([(loaded.tokenizer.build_prompt("hello world 你好 " * 40, []))[:length]])
         with torch.no_grad():
