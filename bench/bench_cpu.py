@@ -109,7 +109,7 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
 
     from server.convert import ensure_converted
     from server.generate import Sampling, generate_ids, prefill
-    from server.model import load_model
+    from server.model import cache_format, load_model
     from server.profiles import Plan
     from transformers import DynamicCache
 
@@ -117,9 +117,8 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
     backend, bits = config.removesuffix(":convert").split("-")
     plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
     if config.endswith(":convert"):  # the first start's conversion, in a process of its own
-        fmt = f"cpu-int{bits}" if backend == "torch" else "float16"
         start = time.perf_counter()
-        ensure_converted(folder, fmt)
+        ensure_converted(folder, cache_format(plan))
         return {"convert_s": time.perf_counter() - start, "convert_mem": peaks.now()}
     result = {"config": config}
     start = time.perf_counter()

@@ -59,9 +59,9 @@ class Settings:
     )
     cpu_backend: str = option(
         "auto",
-        "what runs 4/8-bit weights on the CPU: torch = torch's own int4/int8 kernels, quantized once and cached "
-        "(ready in seconds, least memory); bnb = bitsandbytes (quantizes at every start); auto = torch, but bnb "
-        "on Windows (see README, Performance)",
+        "what runs 4/8-bit weights on the CPU, both quantized once and cached: torch = torch's own int4/int8 "
+        "kernels (ready in seconds, least memory); bnb = bitsandbytes (4-bit decodes faster); auto = bnb at "
+        "4-bit, torch at 8-bit (see README, Performance)",
         choices=("auto", "torch", "bnb"),
     )
     max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's")

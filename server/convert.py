@@ -5,10 +5,10 @@ shard and tensor by tensor, so peak memory stays near one source shard. The resu
 folder and renamed when complete: an interrupted conversion is never loaded. A fingerprint of the source files
 decides when to convert again.
 
-Formats: `float16` (converted/, what from_pretrained loads: GPU, bitsandbytes, 16-bit) and the CPU formats
-`cpu-int4` / `cpu-int8` (converted-cpu-int4/, …): the linear layers already quantized for torch's CPU kernels
-(cpu_quant.py), the rest bfloat16. A later start memory-maps those as they are: no quantizing at every load,
-and a 4-bit model maps ~3.7 GB instead of 12.5.
+Formats: `float16` (converted/, what from_pretrained loads: GPU, bitsandbytes on the fly, 16-bit) and the CPU
+formats, whose linear layers are already quantized (the rest bfloat16): `cpu-int4` / `cpu-int8` for torch's CPU
+kernels, `cpu-nf4` in bitsandbytes' serialized 4-bit format (cpu_quant.py). A later start loads those as they
+are: no quantizing at every load, and a 4-bit model reads ~3.8 GB instead of 12.5.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from .checkpoint import CACHE_NAME, missing_files, weight_files
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
-FORMATS = ("float16", "cpu-int4", "cpu-int8")
+FORMATS = ("float16", "cpu-int4", "cpu-int8", "cpu-nf4")
+OUTPUT_SIZE = {"float16": 1.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}  # of the source, about
 LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
 Progress = Callable[[float], None]
 
@@ -153,6 +154,10 @@ def fingerprint(model_dir: Path, fmt: str = "float16") -> dict:
     }
     if fmt != "float16":  # the int4 kernel's packed layout depends on torch and on the CPU's vector width
         stamp.update(format=fmt, torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
+    if fmt == "cpu-nf4":
+        from importlib.metadata import version
+
+        stamp["bitsandbytes"] = version("bitsandbytes")
     return stamp
 
 
@@ -181,8 +186,11 @@ def target_tensors(fmt: str) -> Callable[[str, torch.Tensor], dict[str, torch.Te
     """native name, float16 tensor -> what the cache of `fmt` stores for it."""
     if fmt == "float16":
         return lambda name, tensor: {name: tensor}
-    from .cpu_quant import quantized_tensors
+    from .cpu_quant import nf4_tensors, quantized_tensors
 
+    if fmt == "cpu-nf4":  # as transformers quantizes: every linear layer but the output layer
+        return lambda name, tensor: nf4_tensors(name, tensor) if LINEAR_WEIGHT.search(name) \
+            and name != "lm_head.weight" else {name: tensor.to(torch.bfloat16)}
     bits = int(fmt.removeprefix("cpu-int"))
 
     def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,7 +208,7 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
     chatglm = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config = glm_config(chatglm)
     files = weight_files(model_dir)
-    check_disk_space(model_dir, sum(f.stat().st_size for f in files))
+    check_disk_space(model_dir, int(sum(f.stat().st_size for f in files) * OUTPUT_SIZE[fmt]))
 
     target = cache_dir(model_dir, fmt)
     for stale in model_dir.glob(f".{target.name}.tmp-*"):  # left by a conversion that was killed
@@ -216,6 +224,10 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
         if fmt != "float16":
             config["torch_dtype"] = "bfloat16"
             config["cpu_quantization"] = fmt
+        if fmt == "cpu-nf4":
+            from .cpu_quant import NF4_CONFIG
+
+            config["quantization_config"] = NF4_CONFIG
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

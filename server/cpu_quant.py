@@ -1,19 +1,16 @@
-"""Weight-only 4-bit and 8-bit linear layers for the CPU, on the quantized matmul kernels that ship with torch.
+"""Quantized weights for the CPU, computed once and cached by convert.py, so a later start loads them as they are.
 
-Why not bitsandbytes on the CPU: measured on the full-size model (bench/bench_cpu.py), it quantizes at every
-load (minutes), holds the float16 checkpoint mapped while doing so (~19 GB RSS at 4-bit) and decodes slower than
-torch's own kernels. These need no extra package and no compiler (the Windows bundle's story stays simple):
+- int8 and int4 linear layers on the quantized matmul kernels that ship with torch (no extra package, no
+  compiler): `aten._weight_int8pack_mm`, symmetric per output row (w = q * scale), the CPU's default at 8-bit;
+  `aten._weight_int4pack_mm_for_cpu`, asymmetric groups of GROUP weights along K with a bfloat16 scale and zero
+  each (w = (q - 8) * scale + zero, ~4.5 bits per weight), `--cpu-backend torch` at 4-bit.
+- bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), the CPU's default at 4-bit: its CPU
+  kernel decodes faster than torch's int4 one (bench/bench_cpu.py); from the cache, from_pretrained needs
+  no quantizing at every start.
 
-- int4: `aten._weight_int4pack_mm_for_cpu`, asymmetric groups of GROUP weights along K, each group with a
-  bfloat16 scale and zero (w = (q - 8) * scale + zero; about 4.5 bits per weight, like llama.cpp's Q4_0/Q4_1).
-- int8: `aten._weight_int8pack_mm`, symmetric per output row (w = q * scale).
-
-Decoding multiplies one token's activations by each matrix, which these kernels do while reading the compact
-weights. A prompt of many tokens is compute-bound instead: there the weights are expanded to bfloat16 one matrix
-at a time and multiplied with the oneDNN bfloat16 GEMM, which is several times faster at that size.
-
-Quantized tensors are computed once and cached on disk in exactly the layout the kernels take (convert.py), so a
-later start memory-maps them and is ready in seconds.
+Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
+weights. A prompt of many tokens is compute-bound instead: there the int8/int4 weights are expanded to bfloat16
+one matrix at a time and multiplied with the oneDNN bfloat16 GEMM, which is faster at that size.
 """
 
 from __future__ import annotations
@@ -148,6 +145,25 @@ def quantized_tensors(name: str, weight: torch.Tensor, bits: int) -> dict[str, t
         q, scale = quantize_int8(weight)
         return {f"{module}.weight_int8": q, f"{module}.scales": scale}
     return {name: weight.to(torch.bfloat16)}
+
+
+# transformers' own serialization of a bitsandbytes 4-bit model (what save_pretrained writes): from_pretrained
+# then loads the cache as it is instead of quantizing 12.5 GB at every start
+NF4_BLOCK = 64
+NF4_CONFIG = {
+    "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8",
+    "llm_int8_skip_modules": ["lm_head"],
+}
+
+
+def nf4_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The cache entries of a linear layer's weight in bitsandbytes NF4: the packed weight and its quant state."""
+    import bitsandbytes.functional as bnb
+
+    packed, state = bnb.quantize_4bit(weight.to(torch.bfloat16), blocksize=NF4_BLOCK, quant_type="nf4",
+                                      quant_storage=torch.uint8)
+    return {name: packed, **{f"{name}.{key}": value for key, value in state.as_dict(packed=True).items()}}
 
 
 def swap_linears(model: nn.Module, state_names: set[str]) -> None:

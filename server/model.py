@@ -1,7 +1,8 @@
 """Load the converted checkpoint into transformers' native GlmForCausalLM at the plan's precision, and warm it up.
 
 Nothing from the model folder is executed: the native class is used directly, and loading is strict. Two roads:
-- from_pretrained on the float16 cache: 16-bit, and bitsandbytes 4/8-bit (CUDA; the CPU on Windows);
+- from_pretrained on the float16 cache: 16-bit, and bitsandbytes 4/8-bit quantizing on the way (CUDA), or on the
+  CPU's pre-quantized NF4 cache (bitsandbytes' CPU 4-bit kernel);
 - the CPU cache already quantized for torch's int4/int8 kernels (cpu_quant.py): the model is built on the meta
   device, its linear layers swapped for the quantized ones, and the memory-mapped tensors assigned as they are.
 Before the model is handed over, one short prompt runs through both the prefill and the decode path, so the
@@ -69,17 +70,29 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
     """Convert once if needed (progress(fraction) while converting), load, check, warm up."""
     model_dir = Path(model_dir)
     tokenizer = ChatGLM2Tokenizer(model_dir / "tokenizer.model")
-    if plan.backend == "torch":
-        model = load_cpu_quantized(ensure_converted(model_dir, f"cpu-int{plan.bits}", progress), plan)
+    fmt = cache_format(plan)
+    converted = ensure_converted(model_dir, fmt, progress)
+    if fmt.startswith("cpu-int"):
+        model = load_cpu_quantized(converted, plan)
     else:
-        model = load_pretrained(ensure_converted(model_dir, progress=progress), plan)
+        model = load_pretrained(converted, plan, prequantized=fmt == "cpu-nf4")
     model.eval()
     check_vocabulary(model, tokenizer)
     warm_up(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir)
 
 
-def load_pretrained(converted: Path, plan: Plan):
+def cache_format(plan: Plan) -> str:
+    """Which converted cache the plan loads (convert.FORMATS)."""
+    if plan.backend == "torch":
+        return f"cpu-int{plan.bits}"
+    if plan.backend == "bnb" and plan.device == "cpu" and plan.bits == 4 and plan.dtype == "bfloat16":
+        return "cpu-nf4"
+    return "float16"
+
+
+def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):
+    """from_pretrained on a converted cache; bitsandbytes quantizes on the way unless the cache already is."""
     from transformers import GlmForCausalLM
 
     log.info("loading %s on %s (%s): %s", converted, plan.device, plan.precision, plan.reason)
@@ -87,7 +100,7 @@ def load_pretrained(converted: Path, plan: Plan):
         converted,
         dtype=DTYPES[plan.dtype],
         device_map={"": plan.device if plan.device == "cpu" else 0},
-        quantization_config=quantization_config(plan),
+        quantization_config=None if prequantized else quantization_config(plan),
         output_loading_info=True,
     )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

@@ -112,15 +112,12 @@ def test_http_layer_starts_without_the_model_stack():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-@pytest.mark.parametrize("asked, platform, expected", [
-    ("auto", "linux", "torch"), ("auto", "win32", "bnb"), ("bnb", "linux", "bnb"), ("torch", "win32", "torch"),
+@pytest.mark.parametrize("asked, bits, expected", [
+    ("auto", 4, "bnb"), ("auto", 8, "torch"), ("torch", 4, "torch"), ("bnb", 8, "bnb"),
 ])
-def test_cpu_backend_follows_the_setting_and_the_platform(monkeypatch, asked, platform, expected):
-    import server.profiles
-
-    monkeypatch.setattr(server.profiles.sys, "platform", platform)
-    plan = plan_for(Settings(cpu_backend=asked), CPU)
-    assert plan.device == "cpu" and plan.bits == 4 and plan.backend == expected
+def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expected):
+    plan = plan_for(Settings(cpu_backend=asked, quantize=bits), CPU)
+    assert plan.device == "cpu" and plan.bits == bits and plan.backend == expected
     assert plan_for(Settings(cpu_backend=asked, quantize=16), CPU).backend == "dense"
     gpu = Hardware(cuda=True, free_bytes=6 * GIB, name="RTX 3060")
     assert plan_for(Settings(cpu_backend=asked), gpu).backend == "bnb"  # the setting is about the CPU only

@@ -1,7 +1,6 @@
 """torch's CPU int4/int8 kernels: quantization, the packed layout, the pre-quantized cache, and the model on it."""
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -58,14 +57,16 @@ def test_int8_round_trip_is_within_half_a_step(weight):
 
 @pytest.fixture(scope="module")
 def int4_model(tiny_checkpoint):
-    return load_model(tiny_checkpoint, cpu_plan(bits=4, dtype="bfloat16"))
+    return load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
 
 
-def test_the_cpu_backend_is_the_default_off_windows_and_computes_in_bfloat16():
-    plan = cpu_plan(bits=4, dtype="bfloat16")
-    assert plan.backend == ("bnb" if os.name == "nt" else "torch") and plan.dtype == "bfloat16"
+def test_cpu_backends_by_measurement_and_torch_computes_in_bfloat16():
+    assert cpu_plan(bits=4, dtype="bfloat16").backend == "bnb"  # decodes fastest at 4-bit
+    plan = cpu_plan(bits=8, dtype="bfloat16")
+    assert plan.backend == "torch" and plan.dtype == "bfloat16"
+    assert dataclasses.replace(plan, backend="torch", dtype="float32").dtype == "bfloat16"
     assert cpu_plan(bits=16).backend == "dense"
-    assert cpu_plan(bits=4, dtype="float32").backend == "bnb"  # float32 compute asked for: bitsandbytes has it
+    assert cpu_plan(bits=8, dtype="float32").backend == "bnb"  # float32 compute asked for: bitsandbytes has it
     assert dataclasses.replace(plan, device="cuda", backend="").backend == "bnb"
 
 
@@ -85,7 +86,7 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
     assert type(int4_model.model.lm_head).__name__ == "Int8Linear"
     monkeypatch.setattr(cpu_quant, "quantize_int4", lambda *a: pytest.fail("a later start must not quantize"))
     before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    again = load_model(tiny_checkpoint, cpu_plan(bits=4, dtype="bfloat16"))
+    again = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
 
@@ -118,3 +119,22 @@ def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path):
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
     convert.ensure_converted(folder, "cpu-int4")
     assert not stale.exists() and convert.is_current(folder, "cpu-int4")
+
+
+def test_bitsandbytes_4bit_on_the_cpu_loads_a_pre_quantized_cache_equal_to_quantizing_on_the_fly(
+        tiny_checkpoint, monkeypatch):
+    import bitsandbytes.functional
+
+    from server.model import cache_format, load_pretrained
+
+    plan = dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="bnb")
+    assert cache_format(plan) == "cpu-nf4"
+    cached = load_model(tiny_checkpoint, plan)
+    assert type(cached.model.model.layers[0].mlp.gate_up_proj).__name__ == "Linear4bit"
+    assert type(cached.model.lm_head).__name__ == "Linear"  # as transformers does: the output layer stays 16-bit
+    on_the_fly = load_pretrained(convert.ensure_converted(tiny_checkpoint), plan)
+    ids = torch.tensor([cached.tokenizer.build_prompt("hello world 你好", [])])
+    with torch.no_grad():
+        assert torch.equal(cached.model(ids).logits, on_the_fly(ids).logits)
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", lambda *a, **k: pytest.fail("quantized again"))
+    load_model(tiny_checkpoint, plan)  # a later start reads the cache as it is
