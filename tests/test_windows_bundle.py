@@ -41,12 +41,11 @@ def bundle(tmp_path_factory):
     subprocess.run(["wineserver", "-k"], env=env, timeout=60)
 
 
-def linux_answer(checkpoint, bits: int, serve) -> list:
+def linux_answer(checkpoint, bits: int, dtype: str, serve) -> list:
     """The same question answered on Linux by the same code (in this process), as SSE events."""
     engine = Engine()
-    # Windows keeps bitsandbytes on the CPU (torch's int kernels lack their vector paths in MSVC builds)
-    engine.attach(load_model(checkpoint, Plan(device="cpu", bits=bits, dtype="float32", max_context=256,
-                                              profile="test", reason="test", backend="bnb" if bits < 16 else "")))
+    engine.attach(load_model(checkpoint, Plan(device="cpu", bits=bits, dtype=dtype, max_context=256,
+                                              profile="test", reason="test")))
     try:
         server = serve(engine)
         return parse_sse(requests.post(server.url + "/stream", json=QUESTION, timeout=120).content)
@@ -68,16 +67,19 @@ def test_launcher_in_a_chinese_path_downloads_loads_and_answers_like_linux(bundl
     hub = FakeHub(tiny_checkpoint)
     model_dir = root / "THUDM" / "chatglm2-6b"
     try:
-        for bits in (16, 4):  # float32 first (downloads and converts), then 4-bit from the same folder
+        # float32 first (downloads and converts), then 4-bit quantized on the fly, then the Windows CPU default:
+        # 4-bit NF4 in bfloat16 from its pre-quantized cache
+        for bits, dtype in ((16, "float32"), (4, "float32"), (4, "bfloat16")):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             proc = run_bat(root, env, "start_low_vram.bat", "--port", str(port), "--mirror", hub.url,
-                           "--quantize", str(bits), "--dtype", "float32", "--max-context", "256", "--no-chatlog")
+                           "--quantize", str(bits), "--dtype", dtype, "--max-context", "256", "--no-chatlog")
             try:
                 health = wait_for_health(url, proc, lambda h: h["status"] in ("ready", "error"), timeout=900)
                 assert health["status"] == "ready", health
                 assert "测试" in health["model"] and health["device"] == "cpu"
                 assert health["precision"] == ("4-bit" if bits == 4 else "float32")
+                assert "notices" in health and health["notices"] == []  # no NVIDIA GPU here
                 answer = parse_sse(requests.post(url + "/stream", json=QUESTION, timeout=300).content)
             finally:
                 console = stop(proc, env)
@@ -85,8 +87,9 @@ def test_launcher_in_a_chinese_path_downloads_loads_and_answers_like_linux(bundl
             if bits == 16:  # the first start downloaded: its overall bar only grew, and 100 % came at the end
                 shown = [float(p) for p in re.findall(r"Total \(\d+ files\):\s+(\d+)%", console)]
                 assert shown and shown == sorted(shown) and shown[-1] == 100, shown
-            same_tokens(answer, linux_answer(tiny_checkpoint, bits, serve))
+            same_tokens(answer, linux_answer(tiny_checkpoint, bits, dtype, serve))
     finally:
         hub.close()
     assert (model_dir / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
     assert (model_dir / "converted" / "model.safetensors.index.json").is_file()  # written by safetensors there
+    assert (model_dir / "converted-cpu-nf4" / "config.json").is_file()
