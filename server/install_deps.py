@@ -18,6 +18,7 @@ import argparse
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def index_answers(url: str, timeout: float = 10) -> bool:
     try:
         with urllib.request.urlopen(urllib.request.Request(url + "/torch/", method="HEAD"), timeout=timeout):
             return True
+    except urllib.error.HTTPError:
+        return True  # it answered, if only to refuse a HEAD
     except (OSError, ValueError):
         return False
 

@@ -336,3 +336,25 @@ def test_setup_offline_restores_a_deleted_package_without_network(unpacked):
         wait_for_health(f"http://127.0.0.1:{port}", proc, lambda h: h["status"] != "loading", 180)
     finally:
         stop(proc, env)
+
+
+def test_the_cuda_index_probe_tells_an_answering_host_from_an_unreachable_one():
+    import http.server
+    import threading
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(405)  # an index that does not take HEAD still answered
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert install_deps.index_answers(f"http://127.0.0.1:{server.server_address[1]}/whl/cu128")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not install_deps.index_answers(f"http://127.0.0.1:{free_port()}/whl/cu128", timeout=2)
