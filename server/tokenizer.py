@@ -46,9 +46,14 @@ class ChatGLM2Tokenizer:
         return StreamDecoder(self)
 
 
+def round_text(number: int, question: str, answer: str) -> str:
+    """One finished round of the ChatGLM2 chat template."""
+    return f"[Round {number}]\n\n问：{question}\n\n答：{answer}\n\n"
+
+
 def chat_text(query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> str:
     """The ChatGLM2 chat template: numbered rounds of 问/答, the open round ending in the answer prefix."""
-    rounds = [f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1)]
+    rounds = [round_text(i, q, a) for i, (q, a) in enumerate(history, start=1)]
     rounds.append(f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：")
     return "".join(rounds) + answer_prefix
 
