@@ -37,8 +37,11 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return probs / probs.sum()
 
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow to inf and softmax gives nan
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    if sampling.temperature == 0:
+    if sampling.temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -73,7 +76,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
                  mask: torch.Tensor) -> Iterator[int]:
     """Yield up to `max_new_tokens` sampled ids, one at a time (eos included, after which it ends)."""
     generator = None
-    if sampling.temperature > 0:
+    if sampling.temperature >= MIN_TEMPERATURE:
         generator = torch.Generator(device=model.device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     cache = DynamicCache(config=model.config)

@@ -106,7 +106,8 @@ def completion_request(body: dict) -> GenerationRequest:
         max_tokens = number(body, "max_tokens", None, integer=True, low=1)
     return GenerationRequest(
         query=query, history=history, answer_prefix=prefix, max_new_tokens=max_tokens,
-        seed=number(body, "seed", None, integer=True), stop=stop_strings(body),
+        seed=number(body, "seed", None, integer=True, low=-2**63, high=2**64 - 1),  # what torch's generator takes
+        stop=stop_strings(body),
         **sampling_fields(body, TOP_P, TEMPERATURE),
     )
 

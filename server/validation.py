@@ -33,14 +33,49 @@ def json_body(request: Request) -> dict:
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object such as {\"query\": \"你好\"}")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"query\": \"你好\"}}") \
-            from None
+    body = parse_json(raw, "the body")
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, not {type(body).__name__}")
     return body
+
+
+def parse_json(raw: str | bytes, what: str, param: str | None = None, expected: str = ""):
+    """JSON that is valid Unicode text and not absurdly nested, or a 400 that says which."""
+    expected = expected or f"{what} is not valid JSON; send a JSON object such as {{\"query\": \"你好\"}}"
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"{what} is nested too deeply; send plain objects and lists", param=param) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"{expected} ({str(exc)[:80]})", param=param) from None
+    if not valid_text(value):
+        raise ApiError(400, f"{what} holds a string that is not valid Unicode text (a lone surrogate such as "
+                            "\\ud800); send UTF-8 text", param=param)
+    return value
+
+
+def valid_text(value) -> bool:
+    """Whether every string in a parsed JSON value encodes to UTF-8 (JSON escapes can smuggle lone surrogates)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            todo.extend(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return True
+
+
+def shown(value, limit: int = 40) -> str:
+    """A bad value as an error message quotes it: short, whatever its size."""
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def text(body: dict, name: str, default: str | None = None, required: bool = False, allow_empty=True) -> str:
@@ -65,18 +100,20 @@ def number(body: dict, name: str, default, *, integer=False, low=None, high=None
         try:
             value = float(value.strip())
         except ValueError:
-            raise ApiError(400, f"'{name}' must be a number, not {value!r}", param=name) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a number, not {json.dumps(value)[:40]}", param=name)
+            raise ApiError(400, f"'{name}' must be a number, not {shown(value)}", param=name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):
+        raise ApiError(400, f"'{name}' must be a number, not {shown(value)}", param=name)
     if integer:
         if value != int(value):
-            raise ApiError(400, f"'{name}' must be a whole number, not {value}", param=name)
+            raise ApiError(400, f"'{name}' must be a whole number, not {shown(value)}", param=name)
         value = int(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
-        raise ApiError(400, f"'{name}' must be {' and '.join(p for p in (lo, hi) if p)}, not {value}", param=name)
+        raise ApiError(400, f"'{name}' must be {' and '.join(p for p in (lo, hi) if p)}, not {shown(value)}",
+                       param=name)
     return value
 
 
@@ -90,7 +127,7 @@ def flag(body: dict, name: str, default: bool) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
         return value.strip().lower() in ("true", "1", "yes", "on")
-    raise ApiError(400, f"'{name}' must be true or false, not {json.dumps(value)[:40]}", param=name)
+    raise ApiError(400, f"'{name}' must be true or false, not {shown(value)}", param=name)
 
 
 def history_pairs(body: dict, name: str = "history") -> list[tuple[str, str]]:
@@ -98,21 +135,20 @@ def history_pairs(body: dict, name: str = "history") -> list[tuple[str, str]]:
     if value is None:
         return []
     if isinstance(value, str):  # GET /generate passes history as a JSON string
-        try:
-            value = json.loads(value) if value.strip() else []
-        except ValueError:
-            raise ApiError(400, f"'{name}' must be a JSON list of [question, answer] pairs", param=name) from None
+        value = parse_json(value, f"'{name}'", param=name,
+                           expected=f"'{name}' must be a JSON list of [question, answer] pairs") if value.strip() else []
     if not isinstance(value, list):
         raise ApiError(400, f"'{name}' must be a list of [question, answer] pairs", param=name)
     for i, pair in enumerate(value):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise ApiError(400, f"'{name}[{i}]' must be a pair of two strings [question, answer], "
-                                f"not {json.dumps(pair, ensure_ascii=False)[:60]}", param=name)
+                                f"not {shown(pair, 60)}", param=name)
     return [(q, a) for q, a in value]
 
 
 def sampling_fields(body: dict, top_p_default: float, temperature_default: float) -> dict:
     return {
         "top_p": number(body, "top_p", top_p_default, low=0, high=1, low_open=True),
+        # below MIN_TEMPERATURE sampling is greedy (generate.sample): logits / 1e-40 overflow to inf
         "temperature": number(body, "temperature", temperature_default, low=0, high=MAX_TEMPERATURE),
     }

@@ -136,3 +136,54 @@ def test_random_json_never_breaks_the_server(server, route, body):
     else:
         assert r.content  # a valid request streams to its end
     assert requests.get(server.url + "/", timeout=5).status_code == 200
+
+
+DEEP = b"[" * 10_000 + b"]" * 10_000
+POST_ROUTES = ["/stream", "/generate", "/tokenize", "/interrupt", "/ui/render", "/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_absurdly_nested_json_is_a_400_that_says_so(server, route):
+    r = requests.post(server.url + route, data=b'{"query": ' + DEEP + b"}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.text, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+
+
+def test_absurdly_nested_history_in_a_get_is_a_400(server):
+    r = requests.get(server.url + "/generate", params={"query": "hi", "history": DEEP.decode()})
+    assert_seed_error(r, 400, "nested too deeply")
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/stream", '{"query": "\\ud800"}'),
+    ("/stream", '{"query": "hi", "answer_prefix": "x\\udfff"}'),
+    ("/generate", '{"query": "hi", "history": [["\\ud800", "a"]]}'),
+    ("/tokenize", '{"text": "\\udc00"}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}]}'),
+])
+def test_lone_surrogates_are_refused_as_not_unicode_text(server, route, body):
+    r = requests.post(server.url + route, data=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode text" in r.text, r.text
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_a_tiny_temperature_is_greedy_not_an_error(server, temperature):
+    ask = {"query": "你好", "max_length": 40}
+    tiny = requests.post(server.url + "/generate", json={**ask, "temperature": temperature, "stream": False})
+    greedy = requests.post(server.url + "/generate", json={**ask, "temperature": 0, "stream": False})
+    assert tiny.status_code == greedy.status_code == 200 and tiny.content == greedy.content
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**400])
+def test_seed_out_of_range_is_a_400(server, seed):
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                 "seed": seed, "max_tokens": 4})
+    assert r.status_code == 400 and "'seed'" in r.json()["error"]["message"], r.text
+
+
+def test_error_messages_quote_bad_values_short(server):
+    r = requests.post(server.url + "/stream", json={"query": "hi", "max_length": "x" * 100_000})
+    body = assert_seed_error(r, 400, "'max_length' must be a number")
+    assert len(body["message"]) < 200
+    r = requests.post(server.url + "/generate", json={"query": "hi", "max_length": 10**400, "stream": False})
+    assert r.status_code == 200  # a huge whole number is clamped to the context budget, as documented
