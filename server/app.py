@@ -11,7 +11,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
+from . import __version__, origin
 from .config import Settings
 from .engine import Engine
 from .validation import ApiError
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 OPEN_ROUTES = ("/", "/health")  # answered without the API key: a liveness check reveals nothing
 OPEN_PREFIX = "/ui"  # the page itself; the API calls it makes carry the key
+KEYED_UI = ("/ui/render",)  # costs CPU: only for callers with the key
 
 
 def create_app(settings: Settings, engine: Engine) -> Flask:
@@ -39,6 +40,9 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
 
     @app.get("/health")
     def health():
+        status = 200 if engine.state == "ready" else 503
+        if settings.api_key and not has_key(settings.api_key):  # anonymous: the state, nothing about the machine
+            return jsonify({"status": engine.state, "progress": engine.detail.get("progress")}), status
         loaded = engine.loaded
         body = {
             "status": engine.state,
@@ -53,36 +57,34 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
             "notices": engine.notices,
             **engine.detail,
         }
-        return jsonify(body), 200 if engine.state == "ready" else 503
+        return jsonify(body), status
 
+    app.before_request(lambda: origin.check(request, settings.host, settings.allow_origin))
     app.before_request(lambda: check_api_key(settings.api_key))
-    app.after_request(allow_cross_origin)
+    app.after_request(lambda response: allow_cross_origin(response, settings.allow_origin))
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     return app
 
 
-def check_api_key(api_key: str | None):
-    if not api_key or request.method == "OPTIONS" or request.path in OPEN_ROUTES \
-            or request.path.startswith(OPEN_PREFIX):
-        return None
+def has_key(api_key: str) -> bool:
     sent = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+    return hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode())
+
+
+def check_api_key(api_key: str | None):
+    open_route = request.path in OPEN_ROUTES or (request.path.startswith(OPEN_PREFIX) and request.path not in KEYED_UI)
+    if not api_key or request.method == "OPTIONS" or open_route:
+        return None
+    if not has_key(api_key):
         raise ApiError(401, "this server needs an API key: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key")
     return None
 
 
-def allow_cross_origin(response):
-    """Browser clients on other origins may call the API (no credentials, so any origin is safe to allow)."""
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Access-Control-Expose-Headers"] = "X-Job-Id, Retry-After"
-    if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-            "Access-Control-Request-Headers", "Content-Type, Authorization")
-        response.headers["Access-Control-Max-Age"] = "600"
+def allow_cross_origin(response, allow_origin: str | None):
+    origin.add_cors_headers(response, request, allow_origin)
     return response
 
 

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {"help": f.metadata["help"] + shown, "dest": f.name, "default": None}
         if "bool" in str(f.type):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("repeat"):
+            kwargs["action"] = "append"
         else:
             kwargs["type"] = lambda raw, f=f: parse_value(f, raw)
             if f.metadata.get("choices"):
@@ -67,7 +69,8 @@ def settings_from(args: argparse.Namespace, environ=None) -> Settings:
     """Defaults, then settings.ini, then environment variables, then command-line flags."""
     changes = from_file(environ=environ)
     changes.update(from_env(environ))
-    changes.update({f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name) is not None})
+    flags = {f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name) is not None}
+    changes.update({name: ",".join(v) if isinstance(v, list) else v for name, v in flags.items()})
     return Settings().replace(**changes)
 
 

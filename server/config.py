@@ -25,9 +25,10 @@ class UserError(Exception):
     """An expected failure: its message (Chinese, then English) is shown to the person without a traceback."""
 
 
-def option(default, help: str, choices=None, env: str | None = None):
-    """A settings field with the help text the CLI shows; `env` names an extra standard variable."""
-    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+def option(default, help: str, choices=None, env: str | None = None, repeat: bool = False):
+    """A settings field with the help text the CLI shows; `env` names an extra standard variable; a `repeat` flag
+    may be given several times (the values are joined with commas, as the file and variables write them)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env, "repeat": repeat})
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Settings:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = option(5178, "TCP port to listen on")
     api_key: str | None = option(None, "require 'Authorization: Bearer <key>' on every route but / and /health")
+    allow_origin: str | None = option(
+        None, "web page origins (scheme://host:port, comma-separated or repeated; * for any) allowed to call the "
+              "API from a browser, besides loopback origins and the server's own page", repeat=True)
     max_body_bytes: int = option(2 * 1024 * 1024, "largest request body accepted, in bytes")
     open_browser: bool = option(False, "open the chat page /ui/ in the default browser once the server listens")
     chatlog: bool = option(True, "write full queries and replies to chatlog.log (--no-chatlog turns it off)")

@@ -7,6 +7,7 @@ Pygments, so the page needs no JavaScript build step and no third-party code.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -18,10 +19,11 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 
-from .validation import json_body, text
+from .validation import ApiError, json_body, text
 
 STATIC = Path(__file__).resolve().parent / "webui"
-MAX_RENDER_CHARS = 200_000
+MAX_RENDER_CHARS = 64_000  # a whole 8,192-token reply is ~30,000 characters; a 180 KB table took 16 s of CPU
+RENDERS = threading.BoundedSemaphore(2)  # rendering never takes more than two of the threads that serve the API
 
 bp = Blueprint("web", __name__, url_prefix="/ui")
 
@@ -60,8 +62,16 @@ def static_file(name: str):
 
 @bp.post("/render")
 def render():
-    source = text(json_body(request), "text", required=True)[:MAX_RENDER_CHARS]
-    return jsonify({"html": render_markdown(source)})
+    source = text(json_body(request), "text", required=True)
+    if len(source) > MAX_RENDER_CHARS:
+        raise ApiError(413, f"'text' has {len(source)} characters; at most {MAX_RENDER_CHARS} are rendered",
+                       param="text")
+    if not RENDERS.acquire(blocking=False):
+        raise ApiError(429, "the server is rendering other replies; try again in a moment", headers={"Retry-After": "1"})
+    try:
+        return jsonify({"html": render_markdown(source)})
+    finally:
+        RENDERS.release()
 
 
 @bp.get("/pygments.css")

@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from server.budget import GenerationRequest
@@ -154,7 +155,7 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"query": "hi", "temperature": 0}).encode()
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     seen = b""
     for _ in range(20):  # headers, the opening comment, then the first token's event
@@ -179,7 +180,7 @@ def test_disconnect_while_queued_removes_the_job(serve, engine_for, slow_model):
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"query": "queued", "max_length": 200}).encode()
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     deadline = time.time() + 5
     while server.engine.queue_length == 0 and time.time() < deadline:
@@ -295,18 +296,42 @@ def test_busy_queue_is_refused_with_retry_after(serve, engine_for, slow_model):
     waiting.close()
 
 
-def test_cors_preflight_and_headers(server):
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:3000", "http://localhost:8080", "http://[::1]:9"])
+def test_cors_preflight_and_headers_for_loopback_origins(server, origin):
     r = requests.options(server.url + "/stream", headers={
-        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
     assert r.status_code == 200
-    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Access-Control-Allow-Origin"] == origin and r.headers["Vary"] == "Origin"
     assert "POST" in r.headers["Access-Control-Allow-Methods"]
     assert r.headers["Access-Control-Allow-Headers"] == "content-type"
     assert "Access-Control-Allow-Credentials" not in r.headers
-    assert requests.get(server.url + "/", headers={"Origin": "http://x.test"}).headers[
-        "Access-Control-Allow-Origin"] == "*"
 
+
+@pytest.mark.parametrize("route", ["/", "/stream", "/interrupt", "/v1/models"])
+def test_a_foreign_web_page_is_refused_by_default(server, route):
+    r = requests.post(server.url + route, data=b'{"query": "hi"}', headers={"Origin": "http://evil.test",
+                                                                            "Content-Type": "text/plain"})
+    assert r.status_code in (403, 405) and "Access-Control-Allow-Origin" not in r.headers
+    if r.status_code == 403:
+        assert "--allow-origin http://evil.test" in r.text
+    assert requests.get(server.url + "/", headers={"Origin": "http://evil.test"}).status_code == 403
+    assert requests.get(server.url + "/").status_code == 200  # no Origin: not a browser, allowed
+
+
+@pytest.mark.parametrize("allow, allowed", [("http://evil.test", True), ("*", True), ("http://other.test", False)])
+def test_allow_origin_opens_the_api_to_named_pages(serve, engine, allow, allowed):
+    server = serve(engine, allow_origin=allow)
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Origin": "http://evil.test"})
+    assert (r.status_code == 200) is allowed
+    if allowed:
+        assert r.headers["Access-Control-Allow-Origin"] == "http://evil.test"
+
+
+def test_dns_rebinding_is_refused_on_a_loopback_bind(server):
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Host": "rebind.evil.test:5178"})
+    assert r.status_code == 403 and r.json()["message"].startswith("this server answers only requests addressed")
+    for host in ("localhost:5178", "127.0.0.1", "[::1]:5178"):
+        assert requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Host": host}).status_code == 200
 
 def test_api_key_guards_everything_but_index_and_health(serve, engine):
     server = serve(engine, api_key="s3cret")
@@ -319,6 +344,39 @@ def test_api_key_guards_everything_but_index_and_health(serve, engine):
     r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 200
     assert requests.options(server.url + "/tokenize").status_code == 200  # preflights carry no credentials
+    anonymous = requests.get(server.url + "/health").json()
+    assert anonymous == {"status": "ready", "progress": None}  # no model path, no job ids
+    keyed = requests.get(server.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+    assert keyed["status"] == "ready" and "model" in keyed and "running" in keyed
+    assert requests.post(server.url + "/ui/render", json={"text": "*hi*"}).status_code == 401
+    assert requests.get(server.url + "/ui/").status_code == 200  # the page itself asks for the key
+
+
+def test_render_refuses_huge_text_and_never_takes_more_than_two_threads(server, monkeypatch):
+    import threading
+
+    from server import web
+
+    r = requests.post(server.url + "/ui/render", json={"text": "|a|b|\n" * 20_000})
+    assert r.status_code == 413 and "at most 64000" in r.json()["message"]
+    release = threading.Event()
+    monkeypatch.setattr(web, "render_markdown", lambda source: release.wait(10) and "<p>x</p>")
+    slow = [threading.Thread(target=requests.post, args=(server.url + "/ui/render",), kwargs={"json": {"text": "x"}})
+            for _ in range(2)]
+    for t in slow:
+        t.start()
+    try:
+        for _ in range(100):  # bounded: both renders are under way
+            if web.RENDERS._value == 0:
+                break
+            threading.Event().wait(0.05)
+        r = requests.post(server.url + "/ui/render", json={"text": "x"})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert requests.post(server.url + "/tokenize", json={"text": "hi"}).status_code == 200  # the API still answers
+    finally:
+        release.set()
+        for t in slow:
+            t.join(10)
 
 
 def test_exposed_host_logs_a_warning(caplog):

@@ -340,3 +340,51 @@ def test_manifest_and_icons_make_it_installable(server):
         assert r.headers["Content-Type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert int.from_bytes(r.content[16:20], "big") == size
     assert requests.get(server.url + "/").json() == {"message": "Server started", "success": True}
+
+
+@pytest.fixture
+def foreign_page():
+    """A page on another origin, http://evil.test:<port>/ (mapped to 127.0.0.1 in the browser only)."""
+    import http.server
+    import threading
+
+    html = b"""<!doctype html><script>
+    async function call(url) {
+      try { const r = await fetch(url, {method: "POST", body: JSON.stringify({text: "hi"})});
+            return "read " + r.status + " " + (await r.text()); }
+      catch (e) { return "blocked"; }
+    }</script>"""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://evil.test:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_page_from_another_origin_cannot_use_the_api_unless_allowed(browser, serve, engine_for, tiny_model,
+                                                                        foreign_page):
+    mapped = browser.browser_type.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--host-resolver-rules=MAP evil.test 127.0.0.1"])  # the foreign name stays in this browser, on loopback
+    try:
+        for allow, expected in ((None, "blocked"), (foreign_page, "read 200")):
+            server = serve(engine_for(tiny_model), allow_origin=allow)
+            page = mapped.new_page()
+            page.goto(foreign_page + "/")
+            result = page.evaluate(f"call('{server.url}/tokenize')")
+            assert result.startswith(expected), result
+            page.close()
+    finally:
+        mapped.close()

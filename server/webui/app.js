@@ -146,7 +146,7 @@ function healthText(h) {
 }
 async function pollHealth() {
   try {
-    const res = await fetch("/health");
+    const res = await fetch("/health", {headers: headers()});  // with a key set, anonymous callers see only the state
     const h = await res.json();
     const wasReady = server.status === "ready";
     server = h;
