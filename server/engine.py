@@ -107,7 +107,8 @@ class Engine:
         self._mask = None  # added to logits: bans ids the tokenizer cannot show
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def load_in_background(self, loader: Callable[["Engine"], LoadedModel]) -> threading.Thread:
+    def load_in_background(self, loader: Callable[["Engine"], LoadedModel],
+                           on_ready: Callable[[LoadedModel], None] | None = None) -> threading.Thread:
         """Run `loader(engine)` on a thread (it may report progress through set_state) and start serving."""
         def run():
             try:
@@ -117,7 +118,13 @@ class Engine:
                     log.error("%s", exc)
                 else:
                     log.exception("loading the model failed")
+                log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model "
+                          "did not load; the server keeps running only to show why (at /health and on the chat "
+                          "page). Fix it and start again.")
                 self.set_state("error", error=str(exc))
+                return
+            if on_ready:
+                on_ready(self.loaded)
 
         thread = threading.Thread(target=run, name="model-loader", daemon=True)
         thread.start()

@@ -73,9 +73,15 @@ def run_server(settings: Settings) -> int:
         chatlog.setLevel(logging.INFO)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
     server = make_server(create_app(settings, engine), settings)
-    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state,
-                                                      notice=engine.add_notice))
     url = f"http://{browser_host(settings.host)}:{server.effective_port}"
+
+    def ready(loaded) -> None:
+        plan = loaded.plan
+        log.info("模型已就绪 / The model is ready: chat at %s/ui/ (%s, %s, context %d tokens)", url, plan.device,
+                 plan.precision, plan.max_context)
+
+    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice),
+                              on_ready=ready)
     log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
     if settings.open_browser:
         webbrowser.open(url + "/ui/")  # the page shows download and loading progress itself

@@ -133,3 +133,38 @@ def test_cpu_auto_profile_on_windows_takes_bfloat16_when_ram_allows(monkeypatch,
     plan = plan_for(Settings(), Hardware(cuda=False, ram_bytes=ram_gib * GIB))
     assert plan.device == "cpu" and plan.profile == profile
     assert plan.bits == (16 if profile == "high" else 4) and plan.dtype == "bfloat16"
+
+
+def run_server_until(tmp_path, model_dir, words: str, timeout: float = 120) -> str:
+    """Start `python -m server` on a free port; return its console output once `words` appear (bounded)."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "console.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--offline", "--no-chatlog",
+                                 "--model-dir", str(model_dir), "--quantize", "16", "--dtype", "float32",
+                                 "--max-context", "128"], cwd=ROOT, env=os.environ, stdout=out, stderr=out)
+        try:
+            deadline = time.time() + timeout
+            while words not in log.read_text(encoding="utf-8", errors="replace") and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    return log.read_text(encoding="utf-8", errors="replace").replace(str(port), "PORT")
+
+
+def test_the_console_says_when_the_model_is_ready(tmp_path, tiny_checkpoint):
+    console = run_server_until(tmp_path, tiny_checkpoint, "The model is ready")
+    assert "The model is ready: chat at http://127.0.0.1:PORT/ui/ (cpu, float32, context 128 tokens)" in console
+    assert "模型已就绪" in console and "Traceback" not in console
+
+
+def test_the_console_says_plainly_when_loading_failed(tmp_path):
+    console = run_server_until(tmp_path, tmp_path / "none", "keeps running only to show why")
+    assert "Offline mode" in console and "Fix it and start again" in console and "Traceback" not in console
