@@ -65,6 +65,9 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
     missing = missing_files(folder) if folder.is_dir() else ["config.json", "tokenizer.model", "the weights"]
     if not missing and not settings.verify:
         return
+    if settings.offline and not missing:
+        raise DownloadError("--verify 需要联网 / --verify compares every file with the hub's checksums, so it needs "
+                            "the network: drop --offline (or HF_HUB_OFFLINE).")
     if settings.offline:
         raise DownloadError(
             f"离线模式下模型文件缺失 / Offline mode, and the model folder lacks: {', '.join(missing)}.\n"

@@ -6,9 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import UserError
+
 INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
 CACHE_NAME = "converted"  # where convert.py keeps the native-layout copy
+
+
+class BrokenIndex(UserError):
+    """The weight index is not what the hub serves; the message says which file and what to do."""
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -16,7 +22,11 @@ def weight_files(model_dir: Path) -> list[Path]:
     for index_name in INDEX_NAMES:
         index = model_dir / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+                raise BrokenIndex(f"模型文件损坏 / {index} is not a weight index ({str(exc)[:60]}): delete it and "
+                                  "start again to download it again") from exc
             return [model_dir / s for s in shards]
     for single in SINGLE_NAMES:
         if (model_dir / single).exists():

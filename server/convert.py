@@ -131,17 +131,50 @@ def expected_names(config: dict) -> set[str]:
 
 
 # -- source files ----------------------------------------------------------------------------------------------
+SIZE_FIELDS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "kv_channels",
+               "multi_query_group_num", "padded_vocab_size", "seq_length")
+
+
+def read_config(path: Path) -> dict:
+    """The ChatGLM2 config.json, or a ConversionError naming the file and what is wrong with it."""
+    fix = "download it again (delete it and start: the first start fetches what is missing)"
+    try:
+        chatglm = json.loads(path.read_text(encoding="utf-8"))
+        glm_config(chatglm)  # every field the conversion needs is there
+        for key in SIZE_FIELDS:
+            if isinstance(chatglm[key], bool) or not isinstance(chatglm[key], int) or chatglm[key] <= 0:
+                raise TypeError(f"'{key}' must be a positive whole number, not {json.dumps(chatglm[key])[:30]}")
+        return chatglm
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON ({str(exc)[:80]}): {fix}") from exc
+    except KeyError as exc:
+        raise ConversionError(f"{path} is not a ChatGLM2-6B config (it lacks {exc}): {fix}") from exc
+    except (TypeError, AttributeError) as exc:
+        raise ConversionError(f"{path} has a value of the wrong kind ({str(exc)[:80]}): {fix}") from exc
+
+
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one shard, one at a time; memory-mapped so the shard is not read into RAM at once."""
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors' own error type
+            raise ConversionError(f"{path.name} is not a safetensors file ({str(exc)[:80]}): it is damaged or "
+                                  "incomplete; delete it and start again to download it again") from exc
+        with f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's messages here speak of unsafe code, which misleads: say what it is
+        raise ConversionError(f"{path.name} is not a PyTorch weight file that can be read: it is damaged or "
+                              "incomplete; delete it and start again to download it again") from exc
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path.name} holds no weight table; delete it and start again to download it again")
     for name in list(state):
         yield name, state.pop(name)
 
@@ -205,8 +238,7 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
     missing = missing_files(model_dir)
     if missing:
         raise ConversionError(f"{model_dir} lacks {', '.join(missing)}")
-    chatglm = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    config = glm_config(chatglm)
+    config = glm_config(read_config(model_dir / "config.json"))
     files = weight_files(model_dir)
     check_disk_space(model_dir, int(sum(f.stat().st_size for f in files) * OUTPUT_SIZE[fmt]))
 
@@ -214,7 +246,12 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
     for stale in model_dir.glob(f".{target.name}.tmp-*"):  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = model_dir / f".{target.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise ConversionError(f"cannot write the converted copy into {model_dir} ({exc.strerror or exc}): move the "
+                              "model to a folder you can write to and set model_dir (settings.ini) or --model-dir") \
+            from exc
     log.info("converting %s to the native GLM layout (%s) in %s (once)", model_dir, fmt, target)
     try:
         native, weight_map = convert_shards(files, config, tmp, target_tensors(fmt), progress)

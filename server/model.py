@@ -69,7 +69,11 @@ def quantization_config(plan: Plan):
 def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | None = None) -> LoadedModel:
     """Convert once if needed (progress(fraction) while converting), load, check, warm up."""
     model_dir = Path(model_dir)
-    tokenizer = ChatGLM2Tokenizer(model_dir / "tokenizer.model")
+    try:
+        tokenizer = ChatGLM2Tokenizer(model_dir / "tokenizer.model")
+    except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece's parse errors are RuntimeErrors
+        raise ModelLoadError(f"{model_dir / 'tokenizer.model'} is not a sentencepiece model ({str(exc)[:80]}): "
+                             "download it again (delete it and start)") from exc
     fmt = cache_format(plan)
     converted = ensure_converted(model_dir, fmt, progress)
     if fmt.startswith("cpu-int"):

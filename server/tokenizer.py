@@ -22,6 +22,8 @@ class ChatGLM2Tokenizer:
         # paths, so a folder such as C:\Users\张三\ is "not found" there. Python opens any path.
         self.sp = sentencepiece.SentencePieceProcessor(model_proto=Path(model_file).read_bytes())
         self.n_pieces = self.sp.get_piece_size()
+        if self.n_pieces == 0:  # sentencepiece accepts an empty file and fails only when used
+            raise ValueError("the file is empty")
         self.special_ids = {name: self.n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.eos_id = EOS_ID
         # Anything at or above this id is a special token or padding: never shown, never sampled (except eos).
