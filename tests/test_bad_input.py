@@ -112,7 +112,10 @@ def test_interrupt_body_must_be_json_when_present(server):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20)
+    # the extremes: huge integers, infinities and NaN (Python's JSON reads them), lone surrogates, tiny floats
+    | st.integers(-2**80, 2**80) | st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e-300, 1e-40])
+    | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -121,21 +124,48 @@ chat_like = st.fixed_dictionaries({}, optional={
     "top_p": json_values, "temperature": json_values, "answer_prefix": json_values, "stream": json_values,
     "text": json_values, "return_tokens": json_values, "id": json_values,
 })
+openai_like = st.fixed_dictionaries({"max_tokens": st.just(4)}, optional={
+    "messages": json_values | st.lists(st.fixed_dictionaries({"role": json_values | st.sampled_from(
+        ["user", "assistant", "system"]), "content": json_values}), max_size=3),
+    "temperature": json_values, "top_p": json_values, "seed": json_values, "stop": json_values,
+    "stream": json_values, "n": json_values, "model": json_values,
+})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(route=st.sampled_from(SEED_ROUTES), body=json_values | chat_like)
-def test_random_json_never_breaks_the_server(server, route, body):
+def encoded(body) -> bytes:
+    """JSON as a client could send it: surrogates escaped (\\ud800), infinities as Infinity."""
+    return json.dumps(body).encode()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(SEED_ROUTES + ["/v1/chat/completions"]), body=json_values | chat_like | openai_like,
+       nesting=st.sampled_from([0, 0, 0, 5000]))
+def test_random_json_never_breaks_the_server(server, route, body, nesting):
     if isinstance(body, dict) and "max_length" in body and route in ("/stream", "/generate"):
         body["max_length"] = 4  # valid requests stay short: this test is about bad ones
-    r = requests.post(server.url + route, json=body, timeout=30)
+    data = encoded(body)
+    if nesting and isinstance(body, dict):  # a field whose value is thousands of nested lists
+        data = encoded({**body, "history": None}).replace(b'"history": null',
+                                                          b'"history": ' + b"[" * nesting + b"]" * nesting)
+    r = requests.post(server.url + route, data=data, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code < 500, r.text
+    assert r.headers["Content-Type"].startswith(("application/json", "text/event-stream"))
     if r.status_code >= 400:
         answer = r.json()
-        assert answer["success"] is False and answer["message"]
+        message = answer["error"]["message"] if route.startswith("/v1/") else answer["message"]
+        assert message and len(message) < 400
     else:
         assert r.content  # a valid request streams to its end
     assert requests.get(server.url + "/", timeout=5).status_code == 200
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=st.text(max_size=40) | st.sampled_from(["[" * 3000 + "]" * 3000, '[["\\ud800", "a"]]', "[1e999]"]),
+       query=st.text(max_size=10))
+def test_random_get_generate_never_breaks_the_server(server, history, query):
+    r = requests.get(server.url + "/generate", params={"query": query or "hi", "history": history,
+                                                       "max_length": 4}, timeout=30)
+    assert r.status_code < 500 and r.headers["Content-Type"].startswith(("application/json", "text/event-stream"))
 
 
 DEEP = b"[" * 10_000 + b"]" * 10_000
