@@ -64,6 +64,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Finished | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
+    _on_finished: list[Callable[[Finished], None]] = field(default_factory=list)
+    _finish_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def events(self, timeout: float | None = None) -> Iterator[Update | Finished]:
         """Updates as they come, ending with the Finished event (queue.Empty after `timeout` of silence)."""
@@ -85,9 +87,20 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def when_finished(self, callback: Callable[[Finished], None]) -> None:
+        """Call `callback(finished)` once the job ends (at once when it already has), whoever still listens."""
+        with self._finish_lock:
+            if self.result is None:
+                self._on_finished.append(callback)
+                return
+        callback(self.result)
+
     def _emit(self, event: Update | Finished) -> None:
         if isinstance(event, Finished):
-            self.result = event
+            with self._finish_lock:
+                self.result = event
+            for callback in self._on_finished:
+                callback(event)
         self._events.put(event)
 
 

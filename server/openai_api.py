@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Finished, Job, Update
-from .streaming import client_watcher, event_stream, follow, log_finished, sse, submit, wait_for
+from .streaming import client_watcher, event_stream, follow, sse, submit, wait_for
 from .tokenizer import clean_continuation
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
@@ -158,14 +158,13 @@ def chat_completions():
     def events():
         yield chunk({"role": "assistant", "content": ""})
         sent = ""
-        for event in follow(engine, job, watch):
+        for event in follow(engine, job, watch, "/v1/chat/completions"):
             if isinstance(event, Update):
                 content = clean_continuation(event.generated, prefilled)
                 if content.startswith(sent) and len(content) > len(sent):  # deltas only ever append
                     yield chunk({"content": content[len(sent):]})
                     sent = content
                 continue
-            log_finished("/v1/chat/completions", job, event)
             if event.finish_reason == "error":
                 yield sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
                                      "param": None, "code": "generation_failed"}})

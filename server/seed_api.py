@@ -9,8 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from .budget import GenerationRequest
 from .engine import Engine, Finished, Job, Update
-from .streaming import (client_watcher, event_stream, follow, log_finished, sse, submit, summary, tokenizer_of,
-                        wait_for)
+from .streaming import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
 from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
 
 bp = Blueprint("seed", __name__)
@@ -48,12 +47,11 @@ def stream():
     watch = client_watcher(request.environ)
 
     def events():
-        for event in follow(eng, job, watch):
+        for event in follow(eng, job, watch, "/stream"):
             if isinstance(event, Update):
                 yield sse([event.text, history + [[chat.query, event.text]]])
             else:
                 yield finish_event(job, event)
-                log_finished("/stream", job, event)
 
     return event_stream(announce(job, events()), job)
 
@@ -105,16 +103,16 @@ def generate():
     job = submit(eng, chat)
     if not streaming:
         finished = wait_for("/generate", job)
-        return Response(finished.text, content_type="text/plain; charset=utf-8", headers={"X-Job-Id": job.id})
+        # the plain-text body cannot say how it ended: the header does (stop, length or interrupted)
+        return Response(finished.text, content_type="text/plain; charset=utf-8",
+                        headers={"X-Job-Id": job.id, "X-Finish-Reason": finished.finish_reason})
 
     watch = client_watcher(request.environ)
 
     def events():
         # only unnamed data events: that client parses every chunk as one {"response": ...} event
-        for event in follow(eng, job, watch):
+        for event in follow(eng, job, watch, "/generate"):
             if isinstance(event, Update):
                 yield sse({"response": event.text})
-            else:
-                log_finished("/generate", job, event)
 
     return event_stream(events(), job)

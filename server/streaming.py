@@ -53,8 +53,10 @@ def tokenizer_of(engine: Engine):
     return engine.loaded.tokenizer
 
 
-def follow(engine: Engine, job: Job, disconnected: Callable[[], bool]) -> Iterator[Update | Finished]:
-    """The job's events; interrupts the job when the client disconnects or stops reading."""
+def follow(engine: Engine, job: Job, disconnected: Callable[[], bool], route: str) -> Iterator[Update | Finished]:
+    """The job's events; interrupts the job when the client disconnects or stops reading. Every job is logged
+    when it ends, also one whose client went away (finish reason `interrupted`)."""
+    job.when_finished(lambda finished: log_finished(route, job, finished))
     try:
         while True:
             try:
@@ -75,8 +77,8 @@ def follow(engine: Engine, job: Job, disconnected: Callable[[], bool]) -> Iterat
 
 def wait_for(route: str, job: Job) -> Finished:
     """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry."""
+    job.when_finished(lambda done: log_finished(route, job, done))
     finished = job.wait()
-    log_finished(route, job, finished)
     if finished.finish_reason == "error":
         raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
                        code="generation_failed")

@@ -150,7 +150,8 @@ def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
     assert r.status_code == 404 and r.json()["success"] is False and "no queued or running job" in r.json()["message"]
 
 
-def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
+def test_disconnect_cancels_the_job(serve, engine_for, slow_model, caplog):
+    caplog.set_level("INFO", logger="server.requests")
     server = serve(engine_for(slow_model))
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"query": "hi", "temperature": 0}).encode()
@@ -170,6 +171,26 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model):
     while server.engine.running_id == job_id and time.time() < deadline:
         time.sleep(0.02)
     assert server.engine.running_id is None  # cancelled, not generating 200 tokens for nobody
+    for _ in range(50):  # bounded: the request line is written as the job ends
+        if f"job {job_id} /stream" in caplog.text:
+            break
+        time.sleep(0.02)
+    line = next(r.getMessage() for r in caplog.records if f"job {job_id} /stream" in r.getMessage())
+    assert "finish=interrupted" in line  # a client that left is logged too
+
+
+def test_an_interrupted_plain_generate_says_so_in_a_header(serve, engine_for, slow_model):
+    server = serve(engine_for(slow_model))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=requests.post(
+        server.url + "/generate", json={"query": "hi", "max_length": 200, "stream": False}, timeout=60)))
+    thread.start()
+    wait_until_running(server.engine)
+    assert requests.post(server.url + "/interrupt", json={}).json()["success"] is True
+    thread.join(60)
+    assert result["r"].status_code == 200 and result["r"].headers["X-Finish-Reason"] == "interrupted"
+    done = requests.post(server.url + "/generate", json={"query": "hi", "max_length": 40, "stream": False})
+    assert done.headers["X-Finish-Reason"] == "length"
 
 
 def test_disconnect_while_queued_removes_the_job(serve, engine_for, slow_model):
