@@ -14,6 +14,7 @@ pins one source.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import shutil
@@ -83,7 +84,11 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
     files, commit = remote_files(settings)
     todo = [f for f in files if not present(folder / f.name, f)]
     if settings.verify:
-        todo += [f for f in files if f not in todo and not verified(folder / f.name, f)]
+        for f in files:
+            if f not in todo and not verified(folder / f.name, f):
+                log.warning("%s does not match the hub's %s: downloading it again", f.name,
+                            "size" if not present(folder / f.name, f) else "checksum")
+                todo.append(f)
     converted = (folder / CACHE_NAME).exists()
     check_disk_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
     fetch_all(settings, commit, todo, report)
@@ -285,10 +290,10 @@ def hub_call(settings: Settings, what: str, call):
         if status == 404:
             raise missing from exc
         raise TransientError(f"{where} answered {status} while trying to {what}") from exc
-    except PermissionError as exc:
-        raise DownloadError(f"没有写入权限 / Permission denied writing {exc.filename}: move the project to a folder "
-                            "you can write to, or choose one with --model-dir.") from exc
     except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            raise DownloadError(f"没有写入权限 / Cannot write {exc.filename} ({exc.strerror}): move the project to a "
+                                "folder you can write to, or set model_dir in settings.ini (--model-dir).") from exc
         if exc.errno == 28:  # ENOSPC
             raise DownloadError(f"磁盘已满 / The disk is full ({exc.filename}): free some space and start again; "
                                 "the download resumes where it stopped.") from exc

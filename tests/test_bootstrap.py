@@ -115,7 +115,7 @@ def test_file_corrupted_twice_fails_clearly(hub, tmp_path):
     assert "--mirror" in str(err.value)
 
 
-def test_verify_recheck_replaces_a_damaged_local_file(hub, tmp_path):
+def test_verify_recheck_replaces_a_damaged_local_file(hub, tmp_path, caplog):
     folder = tmp_path / "m"
     ensure_model(settings_for(hub, folder))
     data = bytearray((folder / WEIGHTS).read_bytes())
@@ -123,8 +123,28 @@ def test_verify_recheck_replaces_a_damaged_local_file(hub, tmp_path):
     (folder / WEIGHTS).write_bytes(bytes(data))
     ensure_model(settings_for(hub, folder))  # a plain start trusts complete files
     assert (folder / WEIGHTS).read_bytes() != hub.files[WEIGHTS]
-    ensure_model(settings_for(hub, folder, verify=True))
+    with caplog.at_level("WARNING", logger="server.bootstrap"):
+        ensure_model(settings_for(hub, folder, verify=True))
     assert (folder / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
+    assert f"{WEIGHTS} does not match the hub's checksum: downloading it again" in caplog.text  # which, and why
+
+
+def test_a_read_only_file_system_is_a_disk_message_not_a_network_one(hub, tmp_path, monkeypatch):
+    """(Tests run as root, who can write anywhere: the refusal is what a read-only disk answers.)"""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".incomplete") and "a" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(DownloadError) as err:
+        ensure_model(settings_for(hub, tmp_path / "m"))
+    assert "Cannot write" in str(err.value) and "model_dir" in str(err.value) and "network" not in str(err.value)
 
 
 def test_mirror_from_hf_endpoint(hub, tmp_path):
