@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 import webbrowser
 from logging.handlers import RotatingFileHandler
 
@@ -84,7 +85,9 @@ def run_server(settings: Settings) -> int:
                               on_ready=ready)
     log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
     if settings.open_browser:
-        webbrowser.open(url + "/ui/")  # the page shows download and loading progress itself
+        # the page shows download and loading progress itself; on a thread, since a console browser (lynx, w3m)
+        # would otherwise hold the server until it exits
+        threading.Thread(target=webbrowser.open, args=(url + "/ui/",), daemon=True).start()
     try:
         server.run()
     finally:
