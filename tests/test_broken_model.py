@@ -70,10 +70,13 @@ def test_verify_offline_says_it_needs_the_network(folder):
         load_for(settings(folder, verify=True))
 
 
-def test_the_console_shows_one_line_and_no_traceback(tmp_path, folder):
-    (folder / "config.json").write_text("{}")
+@pytest.mark.parametrize("name", BREAKAGES)
+def test_the_console_shows_one_line_and_no_traceback(tmp_path, folder, name):
+    breakage, words = BREAKAGES[name]
+    breakage(folder)
     console = run_server_until(tmp_path, folder, "keeps running only to show why")
-    assert "lacks 'kv_channels'" in console and "Traceback" not in console
+    lines = [line for line in console.splitlines() if all(word in line for word in words)]
+    assert len(lines) == 1 and "Traceback" not in console, console
 
 
 def test_a_fresh_checkpoint_still_loads(tmp_path):
