@@ -32,8 +32,8 @@ from .checkpoint import CACHE_NAME, missing_files, weight_files
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
-FORMATS = ("float16", "cpu-int4", "cpu-int8", "cpu-nf4")
-OUTPUT_SIZE = {"float16": 1.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}  # of the source, about
+# the cache formats, with the size of each against the float16 source (about: for the disk check)
+OUTPUT_SIZE = {"float16": 1.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}
 LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
 Progress = Callable[[float], None]
 

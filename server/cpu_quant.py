@@ -16,6 +16,7 @@ one matrix at a time and multiplied with the oneDNN bfloat16 GEMM, which is fast
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -90,61 +91,72 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.bfloat16)
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in 4 bits (see module doc). Buffers are filled by load_state_dict(assign=True)."""
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W quantized; subclasses hold W's buffers (filled by load_state_dict(assign=True)) and
+    multiply by it: with the quantized kernel for a few tokens, with W expanded to bfloat16 for many."""
+
+    dense_from_tokens: int
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = F.linear(x, self.dense_weight()) if x.shape[0] >= self.dense_from_tokens else self.kernel(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int4Linear(QuantizedLinear):
+    """W in 4 bits, groups of GROUP along K (see module doc)."""
+
+    dense_from_tokens = DENSE_FROM_TOKENS[4]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__(in_features, out_features, bias, device)
         self.weight_int4 = nn.Buffer(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.scales_zeros = nn.Buffer(torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
                                                   device=device))
-        self.bias = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device)) if bias else None
+        if int4_block_rows() is None:  # a packed layout dequantize_int4 cannot read: the kernel does all
+            self.dense_from_tokens = sys.maxsize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x.shape[0] >= DENSE_FROM_TOKENS[4] and int4_block_rows() is not None:
-            y = F.linear(x, dequantize_int4(self.weight_int4, self.scales_zeros))
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scales_zeros)
+
+    def dense_weight(self) -> torch.Tensor:
+        return dequantize_int4(self.weight_int4, self.scales_zeros)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W in 8 bits per output row (see module doc)."""
+class Int8Linear(QuantizedLinear):
+    """W in 8 bits per output row (see module doc)."""
+
+    dense_from_tokens = DENSE_FROM_TOKENS[8]
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device)
         self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        self.bias = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x.shape[0] >= DENSE_FROM_TOKENS[8]:
-            y = F.linear(x, self.weight_int8.to(torch.bfloat16).mul_(self.scales[:, None]))
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_int8.to(torch.bfloat16).mul_(self.scales[:, None])
 
 
 def quantized_tensors(name: str, weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """The cache entries for the weight `<module>.weight` of a linear layer at `bits` (bf16 when it cannot)."""
+    """The cache entries for the weight `<module>.weight` of a linear layer at 4 or 8 bits (8 for a shape the
+    int4 packer lays out otherwise)."""
     module = name.removesuffix(".weight")
     if bits == 4 and int4_fits(weight):
         packed, scales_zeros = quantize_int4(weight)
         return {f"{module}.weight_int4": packed, f"{module}.scales_zeros": scales_zeros}
-    if bits in (4, 8):  # a shape the int4 packer lays out otherwise: 8 bits
-        q, scale = quantize_int8(weight)
-        return {f"{module}.weight_int8": q, f"{module}.scales": scale}
-    return {name: weight.to(torch.bfloat16)}
+    q, scale = quantize_int8(weight)
+    return {f"{module}.weight_int8": q, f"{module}.scales": scale}
 
 
 # transformers' own serialization of a bitsandbytes 4-bit model (what save_pretrained writes): from_pretrained

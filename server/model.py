@@ -87,7 +87,7 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
 
 
 def cache_format(plan: Plan) -> str:
-    """Which converted cache the plan loads (convert.FORMATS)."""
+    """Which converted cache the plan loads (one of convert.OUTPUT_SIZE's formats)."""
     if plan.backend == "torch":
         return f"cpu-int{plan.bits}"
     if plan.backend == "bnb" and plan.device == "cpu" and plan.bits == 4 and plan.dtype == "bfloat16":
