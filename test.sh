@@ -21,7 +21,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     fi
 fi
 
-python3 -m venv .venv
+# A venv is made once, and again (--clear) only when it no longer runs: re-running venv over one that another
+# Python made (pyenv's, then Debian's) leaves a mix that cannot import its standard library.
+usable() { "$1/bin/python" -c "import unicodedata, ensurepip" >/dev/null 2>&1; }
+usable .venv || python3 -m venv --clear .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # The CPU build first, so requirements.txt's "torch>=2.4" is already satisfied and no multi-GB CUDA build is pulled.
@@ -32,7 +35,7 @@ python -m pytest "$@"
 
 # The Windows bundle (Python 3.10) pins an older transformers: run the model tests again with that version.
 bundle_transformers=$(grep -oE '^transformers==[0-9.]+' packaging/win-py310.lock)
-python3 -m venv .venv-bundle
+usable .venv-bundle || python3 -m venv --clear .venv-bundle
 .venv-bundle/bin/python -m pip install -q --upgrade pip
 .venv-bundle/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv-bundle/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt "$bundle_transformers"
