@@ -67,6 +67,12 @@ class Settings:
     )
     max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's")
     max_queue: int = option(8, "jobs that may wait for the model; more are refused as busy")
+    max_batch: int = option(
+        0, "requests decoded together in one step (continuous batching); 0 = automatic: 4 on a CPU, 8 on a GPU, "
+           "fewer when the free memory does not hold them at the full context; 1 = one at a time")
+    prompt_cache_mb: int | None = option(
+        None, "RAM (MB) for the keys and values of recent conversations, so that the next turn computes only its "
+              "new tokens; 0 turns it off; default 1024 (less on PCs with under 16 GB of RAM)")
     reply_reserve: int = option(512, "tokens kept free for the reply when old history rounds are dropped")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = option(5178, "TCP port to listen on")

@@ -1,7 +1,7 @@
-"""The decode loop as named steps: logits -> probabilities -> sample; prefill; decode one token; decode n tokens.
+"""The decode steps of one sequence: logits -> probabilities -> sample; prefill; decode one token.
 
-Streaming and non-streaming callers share `generate_ids`, a generator that yields each new id as soon as it is
-sampled; whoever iterates it decides when to stop (eos, interrupt, stop strings) simply by stopping to iterate.
+The engine schedules these steps for many sequences at once (engine/); `generate_ids` is the plain loop for one
+sequence, used by the benchmarks as the reference the engine is compared with.
 """
 
 from __future__ import annotations
@@ -47,6 +47,15 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def new_generator(sampling: Sampling, device) -> torch.Generator | None:
+    """The random source of one sampled reply (None for greedy): seeded by the request, else at random."""
+    if sampling.temperature < MIN_TEMPERATURE:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    return generator
+
+
 def forward(model, ids: list[int], cache) -> torch.Tensor:
     """Run `ids` after what `cache` holds; return the logits of the last position [vocab]."""
     input_ids = torch.tensor([ids], device=model.device)
@@ -75,10 +84,7 @@ def vocabulary_mask(vocab_size: int, first_special_id: int, eos_id: int, device)
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
                  mask: torch.Tensor) -> Iterator[int]:
     """Yield up to `max_new_tokens` sampled ids, one at a time (eos included, after which it ends)."""
-    generator = None
-    if sampling.temperature >= MIN_TEMPERATURE:
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    generator = new_generator(sampling, model.device)
     cache = DynamicCache(config=model.config)
     logits = prefill(model, prompt_ids, cache)
     for step in range(max_new_tokens):

@@ -128,7 +128,8 @@ def finish_reason(finished: Finished) -> str:
 
 def usage(finished: Finished) -> dict:
     return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": finished.cached_tokens}}
 
 
 @bp.post("/chat/completions")

@@ -72,7 +72,8 @@ def run_server(settings: Settings) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         chatlog.addHandler(handler)
         chatlog.setLevel(logging.INFO)
-    engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve)
+    engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
+                    max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
     server = make_server(create_app(settings, engine), settings)
     url = f"http://{browser_host(settings.host)}:{server.effective_port}"
 

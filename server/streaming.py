@@ -104,7 +104,7 @@ def event_stream(events, job: Job) -> Response:
 def summary(job: Job, finished: Finished) -> dict:
     """What the `done` event reports."""
     return {"finish_reason": finished.finish_reason, "id": job.id, "prompt_tokens": finished.prompt_tokens,
-            "completion_tokens": finished.completion_tokens, "dropped_rounds": finished.dropped_rounds,
+            "cached_tokens": finished.cached_tokens, "completion_tokens": finished.completion_tokens, "dropped_rounds": finished.dropped_rounds,
             "seconds": round(finished.seconds, 3)}
 
 
@@ -113,8 +113,8 @@ def log_finished(route: str, job: Job, finished: Finished) -> None:
     ttft = finished.first_token_seconds
     decode_time = finished.seconds - (ttft or 0)
     rate = (finished.completion_tokens - 1) / decode_time if finished.completion_tokens > 1 and decode_time > 0 else 0
-    log.info("job %s %s prompt=%d reply=%d dropped=%d ttft=%s tok/s=%.1f finish=%s%s", job.id, route,
-             finished.prompt_tokens, finished.completion_tokens, finished.dropped_rounds,
+    log.info("job %s %s prompt=%d cached=%d reply=%d dropped=%d ttft=%s tok/s=%.1f finish=%s%s", job.id, route,
+             finished.prompt_tokens, finished.cached_tokens, finished.completion_tokens, finished.dropped_rounds,
              f"{ttft:.2f}s" if ttft is not None else "-", rate, finished.finish_reason,
              f" error={finished.error}" if finished.error else "")
     chatlog.info(json.dumps({"id": job.id, "route": route, "query": job.request.query,

@@ -1,0 +1,314 @@
+"""The generation engine: one worker thread owns the model; jobs wait in an explicit FIFO queue and decode
+together in a batch (continuous batching), starting from the prefix cache where a prompt repeats a recent one.
+
+A job is submitted (its prompt fitted to the context at once, so callers learn about overflow before anything
+streams) and waits its turn. Between decode steps the worker admits queued jobs while the batch has room: each
+runs its prompt alone (only the part the prefix cache does not hold), then joins the batch, whose every step
+gives each row one token. Jobs leave at eos, a stop string, their length, an interrupt or a disconnect (the
+cancel flag, checked after every token) without disturbing the rest; what they computed goes to the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..budget import FittedPrompt, GenerationRequest, fit_prompt
+from ..config import UserError
+from .jobs import Job
+
+if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
+    from ..model import LoadedModel
+    from .batch import Batch
+    from .prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+# Rows decoded together by default. CPU: measured on the full-size model (bench/bench_batch.py), 4 rows give
+# 2.5x one row's tokens/s at 0.63x the speed per row; 8 add little. CUDA: not measured here (no GPU); a GPU is
+# further from compute-bound at 8 rows than a CPU at 4.
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
+# Memory kept free beside the batch's caches: the prompt of a joining job runs while the batch waits.
+RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
+
+
+class EngineBusy(Exception):
+    """The queue is full."""
+
+
+class NotReady(Exception):
+    """The model is not loaded (yet, or loading failed)."""
+
+
+class Engine:
+    def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
+                 prompt_cache_mb: int | None = None):
+        self.max_queue = max_queue
+        self.reply_reserve = reply_reserve
+        self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
+        self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
+        self.state = "loading"  # loading, downloading, ready or error
+        self.detail: dict = {}  # what /health shows beside the state (progress, error, model facts)
+        self.notices: list[str] = []  # lines the person should act on (e.g. a GPU torch cannot use)
+        self.loaded: LoadedModel | None = None
+        self.prefix_cache: PrefixCache | None = None
+        self._pending: deque[Job] = deque()
+        self._running: dict[str, Job] = {}  # admitted and not finished, in order of admission
+        self._batch: Batch | None = None
+        self._lock = threading.Condition()
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        self._mask = None  # added to logits: bans ids the tokenizer cannot show
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def load_in_background(self, loader: Callable[["Engine"], LoadedModel],
+                           on_ready: Callable[[LoadedModel], None] | None = None) -> threading.Thread:
+        """Run `loader(engine)` on a thread (it may report progress through set_state) and start serving."""
+        def run():
+            try:
+                self.attach(loader(self))
+            except Exception as exc:  # reported through /health; the server keeps answering
+                if isinstance(exc, UserError):
+                    log.error("%s", exc)
+                else:
+                    log.exception("loading the model failed")
+                log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model "
+                          "did not load; the server keeps running only to show why (at /health and on the chat "
+                          "page). Fix it and start again.")
+                self.set_state("error", error=str(exc))
+                return
+            if on_ready:
+                on_ready(self.loaded)
+
+        thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def attach(self, loaded: LoadedModel) -> None:
+        """Take a loaded model, size the batch and the prefix cache, and start the worker."""
+        from ..generate import vocabulary_mask
+        from .batch import Batch
+        from .prefix_cache import PrefixCache
+
+        self.loaded = loaded
+        tok = loaded.tokenizer
+        self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.eos_id, loaded.device)
+        self.max_batch = batch_size(loaded, self.max_batch)
+        if self.prompt_cache_mb is None:
+            self.prompt_cache_mb = default_prompt_cache_mb()
+        self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2)
+        self._batch = Batch(loaded.model)
+        log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
+        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+        self._worker.start()
+        self.set_state("ready")
+
+    def set_state(self, state: str, **detail) -> None:
+        self.state, self.detail = state, detail
+
+    def add_notice(self, text: str) -> None:
+        self.notices.append(text)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for job in self._running.values():
+                job.cancel()  # they end at their next token
+            while self._pending:
+                job = self._pending.popleft()
+                job.cancel()
+                job.finish_unstarted("interrupted")
+            self._lock.notify_all()
+        if self._worker:
+            self._worker.join(timeout=30)
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def fit(self, request: GenerationRequest) -> FittedPrompt:
+        """Fit a request into the context (raises ContextOverflow)."""
+        return fit_prompt(self._ready().tokenizer, request, self.max_context, self.reply_reserve)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        job = Job(request=request, prompt=self.fit(request))
+        with self._lock:
+            if len(self._pending) >= self.max_queue:
+                raise EngineBusy(f"the server is busy: {len(self._pending)} requests are already waiting; "
+                                 f"try again in a moment")
+            self._pending.append(job)
+            self._lock.notify()
+        return job
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Stop the job `job_id`, queued or running, or without an id every running job (the seed's global stop).
+        False when there was none."""
+        with self._lock:
+            if job_id is None:
+                for job in self._running.values():
+                    job.cancel()
+                return bool(self._running)
+            if job_id in self._running:
+                self._running[job_id].cancel()
+                return True
+            for job in self._pending:
+                if job.id == job_id:
+                    self._pending.remove(job)
+                    job.cancel()
+                    job.finish_unstarted("interrupted")
+                    return True
+        return False
+
+    @property
+    def max_context(self) -> int | None:
+        return self.loaded.plan.max_context if self.loaded else None
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    @property
+    def running_id(self) -> str | None:
+        """The longest-running job (None when idle)."""
+        return next(iter(self.running_ids), None)
+
+    def _ready(self) -> LoadedModel:
+        if self.state != "ready" or self.loaded is None:
+            raise NotReady(f"the model is not ready ({self.state})")
+        return self.loaded
+
+    # -- the worker ------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._pending and not self._batch.rows and not self._closed:
+                        self._lock.wait()
+                    if self._closed and not self._batch.rows:
+                        return
+                    admitted = []
+                    while self._pending and len(self._batch) + len(admitted) < self.max_batch:
+                        job = self._pending.popleft()
+                        self._running[job.id] = job
+                        admitted.append(job)
+                for job in admitted:
+                    self._start(job)
+                if self._batch.rows:
+                    self._step()
+
+    def _start(self, job: Job) -> None:
+        """Run a job's prompt (after what the prefix cache holds of it) and sample its first token; it then
+        joins the batch unless that token already ends it."""
+        from ..generate import prefill
+        from .batch import cache_from
+        from .sequence import Sequence
+
+        if job.cancelled.is_set():
+            job.finish_unstarted("interrupted")
+            self._forget(job)
+            return
+        model = self.loaded.model
+        ids = job.prompt.ids
+        cached, tensors = self.prefix_cache.lookup(ids, self.loaded.device)
+        cache = cache_from(model.config, tensors or [])
+        seq = Sequence(job, self.loaded.tokenizer, self._mask, cached_tokens=cached)
+        try:
+            logits = prefill(model, ids[cached:], cache)
+        except Exception as exc:  # out of memory or a model error: this job fails, the engine goes on
+            self._fail([seq], exc)
+            return
+        if seq.advance(logits):
+            self._batch.add(seq, cache)
+        else:
+            self._end(seq, [(layer.keys.cpu(), layer.values.cpu()) for layer in cache.layers])
+
+    def _step(self) -> None:
+        """One decode step for every row; rows that end leave the batch."""
+        batch = self._batch
+        try:
+            logits = batch.step()
+        except Exception as exc:  # out of memory or a model error: the batch's jobs fail, the engine goes on
+            rows = list(batch.rows)
+            batch.remove(list(range(len(rows))))
+            self._fail(rows, exc)
+            return
+        ended = [i for i, seq in enumerate(batch.rows) if not seq.advance(logits[i])]
+        for i in ended:
+            self._end(batch.rows[i], batch.row_tensors(i))
+        batch.remove(ended)
+
+    def _end(self, seq, tensors) -> None:
+        """Keep what the sequence computed for a later prompt that starts the same way, then report the end
+        (in this order, so that a client's next turn finds it)."""
+        self.prefix_cache.store(seq.ids, tensors)
+        seq.finish()
+        self._forget(seq.job)
+
+    def _fail(self, rows: list, exc: Exception) -> None:
+        import torch
+
+        log.error("generation failed for %s", ", ".join(seq.job.id for seq in rows), exc_info=exc)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for seq in rows:
+            seq.finish(error=f"{type(exc).__name__}: {exc}")
+            self._forget(seq.job)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            self._running.pop(job.id, None)
+
+
+def batch_size(loaded: LoadedModel, asked: int) -> int:
+    """Rows decoded together: as asked (or the device's default), and no more than the memory left after
+    loading holds with every row at the full context."""
+    device = loaded.device.type
+    wanted = asked or DEFAULT_MAX_BATCH.get(device, 1)
+    free = free_memory(device)
+    if free is None:
+        return wanted
+    config, plan = loaded.model.config, loaded.plan
+    per_row = kv_bytes_per_token(loaded) * plan.max_context
+    fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
+    if fits < wanted:
+        log.info("the free memory holds %d requests at the full context of %d tokens (not %d)", fits,
+                 plan.max_context, wanted)
+    return int(min(wanted, fits))
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Keys and values of one token in every layer, in the compute dtype."""
+    from ..model import DTYPES
+
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = DTYPES[loaded.plan.dtype].itemsize
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def free_memory(device: str) -> int | None:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        import psutil  # installed with accelerate
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def default_prompt_cache_mb() -> int:
+    """1 GiB (~37,000 tokens of ChatGLM2-6B's 16-bit keys and values), a sixteenth of the RAM on smaller PCs."""
+    from ..profiles import total_ram
+
+    ram = total_ram()
+    return 1024 if not ram else int(min(1024, ram / 16 / 1024**2))

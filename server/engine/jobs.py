@@ -1,0 +1,103 @@
+"""A job and the events it reports: `Update` while it generates, one `Finished` at the end."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..budget import FittedPrompt, GenerationRequest
+
+
+@dataclass(frozen=True)
+class Update:
+    text: str  # the whole reply so far as ChatGLM2 shows it: answer prefix + cleaned generated text
+    completion_tokens: int
+    generated: str = ""  # the raw generated text so far (after stop strings are cut), without the prefix
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # stop, length, interrupted or error
+    text: str
+    generated: str
+    prompt_tokens: int
+    completion_tokens: int
+    dropped_rounds: int
+    seconds: float
+    first_token_seconds: float | None
+    error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed again)
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    prompt: FittedPrompt
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: Finished | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue)
+    _on_finished: list[Callable[[Finished], None]] = field(default_factory=list)
+    _finish_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def events(self, timeout: float | None = None) -> Iterator[Update | Finished]:
+        """Updates as they come, ending with the Finished event (queue.Empty after `timeout` of silence)."""
+        while True:
+            event = self.next_event(timeout)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def next_event(self, timeout: float | None = None) -> Update | Finished:
+        return self._events.get(timeout=timeout)
+
+    def wait(self, timeout: float | None = None) -> Finished:
+        for event in self.events(timeout):
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("events() always ends with Finished")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def when_finished(self, callback: Callable[[Finished], None]) -> None:
+        """Call `callback(finished)` once the job ends (at once when it already has), whoever still listens."""
+        with self._finish_lock:
+            if self.result is None:
+                self._on_finished.append(callback)
+                return
+        callback(self.result)
+
+    def emit(self, event: Update | Finished) -> None:
+        if isinstance(event, Finished):
+            with self._finish_lock:
+                self.result = event
+            for callback in self._on_finished:
+                callback(event)
+        self._events.put(event)
+
+    def finish_unstarted(self, reason: str) -> None:
+        """End a job that never reached the model (interrupted while queued, or the engine closed)."""
+        self.emit(Finished(
+            finish_reason=reason, text=self.request.answer_prefix, generated="", prompt_tokens=len(self.prompt.ids),
+            completion_tokens=0, dropped_rounds=self.prompt.dropped_rounds,
+            seconds=time.perf_counter() - self.submitted, first_token_seconds=None))
+
+
+def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut `text` before the first stop string. Returns (visible text, whether a stop string was found).
+
+    While no stop string is complete, a tail that could still become one is held back from view.
+    """
+    if not stops:
+        return text, False
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if hits:
+        return text[:min(hits)], True
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold], False

@@ -1,0 +1,83 @@
+"""One job being generated: its sampler, its incremental decoder and its stop rules.
+
+The scheduler hands a sequence the logits of its next position (computed alone or batched with others);
+`advance` samples a token, turns it into the job's Update events and says whether the sequence goes on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..generate import Sampling, new_generator, sample
+from ..tokenizer import ChatGLM2Tokenizer, clean_reply
+from .jobs import Finished, Job, Update, apply_stop
+
+
+class Sequence:
+    def __init__(self, job: Job, tokenizer: ChatGLM2Tokenizer, mask: torch.Tensor, cached_tokens: int = 0):
+        req = job.request
+        self.job = job
+        self.eos_id = tokenizer.eos_id
+        self.mask = mask
+        self.sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        self.generator = new_generator(self.sampling, mask.device)
+        self.decoder = tokenizer.stream_decoder()
+        self.ids = list(job.prompt.ids)  # every id whose keys and values are in this sequence's cache
+        self.cached_tokens = cached_tokens
+        self.next_token: int | None = None  # sampled, not yet run through the model
+        self.completion_tokens = 0
+        self.reason = "length"
+        self.first_token_at: float | None = None
+        self.shown = req.answer_prefix
+
+    def advance(self, logits: torch.Tensor) -> bool:
+        """Sample the next token from `logits` [vocab] and report it. False when the sequence has ended."""
+        token = sample(logits + self.mask, self.sampling, self.generator)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token == self.eos_id:
+            self.reason = "stop"
+            return False
+        self.completion_tokens += 1
+        req = self.job.request
+        if self.decoder.add(token):
+            visible, hit = apply_stop(self.decoder.text, req.stop)
+            text = req.answer_prefix + clean_reply(visible)
+            if text != self.shown:
+                self.shown = text
+                self.job.emit(Update(text=text, completion_tokens=self.completion_tokens, generated=visible))
+            if hit:
+                self.reason = "stop"
+                return False
+        if self.job.cancelled.is_set():
+            self.reason = "interrupted"
+            return False
+        if self.completion_tokens >= self.job.prompt.max_new_tokens:
+            self.reason = "length"
+            return False
+        self.next_token = token
+        return True
+
+    def fed(self) -> None:
+        """The model has run `next_token`: its keys and values are in the cache now."""
+        self.ids.append(self.next_token)
+        self.next_token = None
+
+    def finish(self, error: str | None = None) -> None:
+        """Flush what the decoder holds back and send the Finished event (reason `error` when `error` is set)."""
+        req = self.job.request
+        self.decoder.flush()
+        generated = apply_stop(self.decoder.text, req.stop)[0]
+        final = req.answer_prefix + clean_reply(generated)
+        if final != self.shown:
+            self.job.emit(Update(text=final, completion_tokens=self.completion_tokens, generated=generated))
+        now = time.perf_counter()
+        submitted = self.job.submitted
+        self.job.emit(Finished(
+            finish_reason="error" if error else self.reason, text=final, generated=generated,
+            prompt_tokens=len(self.job.prompt.ids), completion_tokens=self.completion_tokens,
+            dropped_rounds=self.job.prompt.dropped_rounds, seconds=now - submitted,
+            first_token_seconds=None if self.first_token_at is None else self.first_token_at - submitted,
+            error=error, cached_tokens=self.cached_tokens))
