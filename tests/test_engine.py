@@ -114,7 +114,8 @@ def test_interrupt_stops_the_running_job_within_a_token(engine):
     assert engine.interrupt() is False  # nothing runs any more
 
 
-def test_interrupt_a_queued_job_by_id_and_keep_order(engine):
+def test_interrupt_a_queued_job_by_id_and_keep_order(engine_for, tiny_model):
+    engine = engine_for(tiny_model, max_batch=1)
     jobs = [engine.submit(GenerationRequest(query=f"q{i}", max_new_tokens=30, **GREEDY)) for i in range(3)]
     assert engine.interrupt(jobs[2].id) is True
     assert jobs[2].wait(timeout=5).finish_reason == "interrupted"  # ends at once, before the others
@@ -124,7 +125,8 @@ def test_interrupt_a_queued_job_by_id_and_keep_order(engine):
     assert engine.interrupt("no-such-id") is False
 
 
-def test_jobs_run_in_submission_order(engine):
+def test_jobs_run_in_submission_order(engine_for, tiny_model):
+    engine = engine_for(tiny_model, max_batch=1)
     order = []
     jobs = [engine.submit(GenerationRequest(query=f"q{i}", max_new_tokens=5, **GREEDY)) for i in range(4)]
     threads = [threading.Thread(target=lambda j=j, i=i: (j.wait(), order.append(i))) for i, j in enumerate(jobs)]
@@ -138,7 +140,7 @@ def test_jobs_run_in_submission_order(engine):
 
 
 def test_a_full_queue_refuses_work(engine_for, tiny_model):
-    engine = engine_for(tiny_model, max_queue=1)
+    engine = engine_for(tiny_model, max_queue=1, max_batch=1)
     running = engine.submit(GenerationRequest(query="a", **GREEDY))
     running.next_event(timeout=30)  # it left the queue and runs
     engine.submit(GenerationRequest(query="b", **GREEDY))

@@ -90,8 +90,10 @@ def test_stream_framing_byte_for_byte(server, engine):
     assert history == [["hi", "hello"], ["你好", reply]]
     # bytes on the wire: compact UTF-8 JSON (no \u escapes), one data line per event
     assert f'data: ["{reply}",[["hi","hello"],["你好","{reply}"]]]\n\n'.encode() in r.content
+    # the same prompt again comes from the prefix cache (all but its last token), and greedy float32 is exact
+    assert expected.cached_tokens == expected.prompt_tokens - 1
     assert done == {"finish_reason": "length", "id": r.headers["X-Job-Id"], "prompt_tokens": expected.prompt_tokens,
-                    "completion_tokens": expected.completion_tokens, "dropped_rounds": 0,
+                    "cached_tokens": 0, "completion_tokens": expected.completion_tokens, "dropped_rounds": 0,
                     "seconds": done["seconds"]}
     assert r.content.endswith(b"event: done\ndata: " + json.dumps(done, separators=(",", ":")).encode() + b"\n\n")
 
@@ -135,7 +137,7 @@ def test_interrupt_mid_stream(serve, engine_for, slow_model):
 
 
 def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
-    server = serve(engine_for(slow_model))
+    server = serve(engine_for(slow_model, max_batch=1))  # one at a time, so the second request queues
     first = requests.post(server.url + "/stream", json={"query": "a", "max_length": 120}, stream=True)
     wait_until_running(server.engine)
     second = requests.post(server.url + "/stream", json={"query": "b", "max_length": 120}, stream=True)
@@ -195,7 +197,7 @@ def test_an_interrupted_plain_generate_says_so_in_a_header(serve, engine_for, sl
 
 def test_disconnect_while_queued_removes_the_job(serve, engine_for, slow_model):
     """No write ever fails for a job still in the queue: only waitress's client_disconnected can tell."""
-    server = serve(engine_for(slow_model))
+    server = serve(engine_for(slow_model, max_batch=1))
     running = requests.post(server.url + "/stream", json={"query": "a", "max_length": 200}, stream=True)
     wait_until_running(server.engine)
     host, port = server.url.removeprefix("http://").split(":")
@@ -218,7 +220,7 @@ def test_disconnect_while_queued_removes_the_job(serve, engine_for, slow_model):
 
 
 def test_four_concurrent_streams_complete_in_order(serve, engine_for, tiny_model, monkeypatch):
-    engine = engine_for(tiny_model)
+    engine = engine_for(tiny_model, max_batch=1)  # one at a time: the FIFO queue (test_batching runs them together)
     expected = {i: engine.submit(GenerationRequest(query=f"问题{i}", max_length=60, temperature=0)).wait().text
                 for i in range(4)}
     gate = threading.Event()  # holds the first job in the model until all four are queued
@@ -305,7 +307,7 @@ def test_loading_server_answers_at_once_and_refuses_generation(serve):
 
 
 def test_busy_queue_is_refused_with_retry_after(serve, engine_for, slow_model):
-    server = serve(engine_for(slow_model, max_queue=1))
+    server = serve(engine_for(slow_model, max_queue=1, max_batch=1))
     running = requests.post(server.url + "/stream", json={"query": "a", "max_length": 100}, stream=True)
     wait_until_running(server.engine)
     waiting = requests.post(server.url + "/stream", json={"query": "b", "max_length": 100}, stream=True)

@@ -1,0 +1,194 @@
+"""Continuous batching on the tiny model: jobs decode together, join and leave between steps, and each job's
+tokens are exactly those it gets alone."""
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from server.budget import GenerationRequest
+from server.engine import engine as engine_module
+from server.model import load_model
+from tests.conftest import cpu_plan
+from tests.test_http import parse_sse
+
+GREEDY = dict(temperature=0.0)
+# four prompts of different lengths and replies of different lengths: rows join padded and leave at other steps
+JOBS = [("hi", 30), ("hello world, how are you today? " * 3, 12), ("写一首关于春天的诗", 40),
+        ("a b c d e f g h i j k l m n o p", 25)]
+
+
+def alone_and_together(engine_for, loaded, jobs=JOBS, **request):
+    """Each job's reply alone (one at a time, no prefix cache), and the replies of all submitted at once."""
+    one = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
+    alone = [one.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY, **request)).wait() for q, n in jobs]
+    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=0)
+    submitted = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY, **request)) for q, n in jobs]
+    return alone, [job.wait() for job in submitted]
+
+
+def loaded_at(tiny_checkpoint, tiny_model, precision):
+    if precision == "float32":
+        return tiny_model
+    bits, backend = {"bfloat16": (16, ""), "bnb-4bit": (4, "bnb"), "torch-int4": (4, "torch"),
+                     "torch-int8": (8, "torch")}[precision]
+    plan = cpu_plan(bits=bits, dtype="bfloat16")
+    return load_model(tiny_checkpoint, dataclasses.replace(plan, backend=backend) if backend else plan)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "bnb-4bit", "torch-int4", "torch-int8"])
+def test_four_jobs_at_once_give_each_its_tokens_alone(engine_for, tiny_checkpoint, tiny_model, precision,
+                                                      monkeypatch):
+    loaded = loaded_at(tiny_checkpoint, tiny_model, precision)
+    widths = []  # rows per forward pass: proves they really ran together
+    forward = loaded.model.forward
+    monkeypatch.setattr(loaded.model, "forward",
+                        lambda *a, **k: (widths.append(k["input_ids"].shape[0]), forward(*a, **k))[1])
+    alone, together = alone_and_together(engine_for, loaded)
+    assert max(widths) == 4
+    assert [f.text for f in together] == [f.text for f in alone]
+    assert [f.completion_tokens for f in together] == [n for _, n in JOBS]
+
+
+def test_llm_int8_rows_depend_on_their_batch_mates_through_outlier_columns(tiny_checkpoint):
+    """bitsandbytes' 8-bit matmul (LLM.int8) computes the input columns holding an outlier (|x| > 6) in 16-bit,
+    choosing them over the whole batch: a row's result depends on the other rows by design, so 8-bit replies
+    decoded together are not bit-identical to replies alone (README). Without outliers the rows are independent."""
+    loaded = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"), backend="bnb"))
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "Linear8bitLt"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, layer.in_features, generator=generator).to(torch.bfloat16)  # |x| < 1: no outliers
+    with torch.inference_mode():
+        rows_alone = torch.cat([layer(x[i:i + 1]) for i in range(4)])
+        assert torch.equal(layer(x), rows_alone)
+        x[3, 0, 5] = 20.0  # an outlier in the last row only
+        rows_alone = torch.cat([layer(x[i:i + 1]) for i in range(4)])
+        assert not torch.equal(layer(x)[0], rows_alone[0])  # the first row changed because of the last
+
+
+def test_a_job_joins_a_running_batch_and_leaves_it_undisturbed(engine_for, slow_model):
+    long_request = GenerationRequest(query="a long reply", max_new_tokens=60, **GREEDY)
+    short_request = GenerationRequest(query="and a short one, asked later", max_new_tokens=8, **GREEDY)
+    one = engine_for(slow_model, max_batch=1, prompt_cache_mb=0)
+    expected_long, expected_short = one.submit(long_request).wait().text, one.submit(short_request).wait().text
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0)
+    long_job = engine.submit(long_request)
+    for _ in range(10):  # let it decode a few tokens alone first
+        long_job.next_event(timeout=30)
+    short_job = engine.submit(short_request)
+    short = short_job.wait(timeout=60)
+    assert long_job.result is None  # the short job joined, finished and left while the long one went on
+    assert short.text == expected_short
+    assert long_job.wait(timeout=60).text == expected_long
+    assert short.first_token_seconds < 2  # it did not wait for the long job
+
+
+def test_interrupting_one_row_leaves_the_others_exact(engine_for, slow_model):
+    requests_ = [GenerationRequest(query=q, max_new_tokens=40, **GREEDY) for q in ("one", "two two", "three 3 3")]
+    one = engine_for(slow_model, max_batch=1, prompt_cache_mb=0)
+    expected = [one.submit(r).wait().text for r in requests_]
+    engine = engine_for(slow_model, max_batch=3, prompt_cache_mb=0)
+    jobs = [engine.submit(r) for r in requests_]
+    deadline = time.time() + 10
+    while len(engine.running_ids) < 3 and time.time() < deadline:
+        time.sleep(0.005)
+    assert len(engine.running_ids) == 3
+    jobs[1].next_event(timeout=30)
+    assert engine.interrupt(jobs[1].id) is True
+    stopped = jobs[1].wait(timeout=30)
+    assert stopped.finish_reason == "interrupted" and stopped.completion_tokens < 40
+    assert [jobs[0].wait(timeout=60).text, jobs[2].wait(timeout=60).text] == [expected[0], expected[2]]
+
+
+def test_interrupt_without_an_id_stops_every_running_job(engine_for, slow_model):
+    engine = engine_for(slow_model, max_batch=2)
+    jobs = [engine.submit(GenerationRequest(query=q, max_new_tokens=100, **GREEDY)) for q in ("x", "y")]
+    deadline = time.time() + 10
+    while len(engine.running_ids) < 2 and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.interrupt() is True
+    assert [job.wait(timeout=30).finish_reason for job in jobs] == ["interrupted", "interrupted"]
+    assert engine.running_ids == [] and engine.interrupt() is False
+
+
+def test_max_batch_bounds_the_batch_and_the_rest_waits_in_order(engine_for, slow_model):
+    engine = engine_for(slow_model, max_batch=2)
+    jobs = [engine.submit(GenerationRequest(query=f"q{i}", max_new_tokens=20, **GREEDY)) for i in range(3)]
+    deadline = time.time() + 10
+    while len(engine.running_ids) < 2 and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.running_ids == [jobs[0].id, jobs[1].id] and engine.queue_length == 1
+    third = jobs[2].wait(timeout=60)
+    assert third.finish_reason == "length"
+    assert third.first_token_seconds > jobs[0].result.seconds * 0.9  # it started when a row was free
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(engine_for, tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, max_batch=2, prompt_cache_mb=0)
+    forward = tiny_model.model.forward
+
+    def out_of_memory_in_a_batched_step(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] == 2:  # a GPU running out of memory (no GPU here to do it for real)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "forward", out_of_memory_in_a_batched_step)
+    jobs = [engine.submit(GenerationRequest(query=q, max_new_tokens=10, **GREEDY)) for q in ("a", "b")]
+    failed = [job.wait(timeout=30) for job in jobs]
+    assert all(f.finish_reason == "error" and "out of memory" in f.error for f in failed)
+    assert all(f.completion_tokens >= 1 for f in failed)  # each kept its first token
+    ok = engine.submit(GenerationRequest(query="c", max_new_tokens=10, **GREEDY)).wait(timeout=30)
+    assert ok.finish_reason == "length" and ok.completion_tokens == 10
+
+
+def test_the_batch_is_capped_by_the_memory_a_full_context_row_needs(tiny_model, monkeypatch):
+    per_row = engine_module.kv_bytes_per_token(tiny_model) * tiny_model.plan.max_context
+    config = tiny_model.model.config
+    assert engine_module.kv_bytes_per_token(tiny_model) == 2 * config.num_hidden_layers * \
+        config.num_key_value_heads * config.head_dim * 4  # float32
+    reserve = engine_module.RESERVE_BYTES["cpu"]
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve + 3 * per_row)
+    assert engine_module.batch_size(tiny_model, 0) == 3  # the CPU's default of 4 does not fit
+    assert engine_module.batch_size(tiny_model, 2) == 2
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve)
+    assert engine_module.batch_size(tiny_model, 8) == 1  # one row always runs, as before batching
+
+
+def test_concurrent_http_streams_decode_together(serve, engine_for, tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, max_batch=4)
+    queries = [f"问题{i}" * (i + 1) for i in range(4)]
+    expected = [engine.submit(GenerationRequest(query=q, max_length=60, **GREEDY)).wait().text for q in queries]
+    widths = []
+    gate = threading.Event()  # holds the model until all four requests are in
+    forward = tiny_model.model.forward
+
+    def counted(*args, **kwargs):
+        gate.wait(10)
+        widths.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "forward", counted)
+    server = serve(engine)
+    results = {}
+
+    def run(i):
+        r = requests.post(server.url + "/stream", json={"query": queries[i], "max_length": 60, "temperature": 0},
+                          timeout=60)
+        results[i] = parse_sse(r.content)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 10
+    while len(engine.running_ids) + engine.queue_length < 4 and time.time() < deadline:
+        time.sleep(0.005)
+    gate.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert max(widths) == 4
+    assert [results[i][-2][1][0] for i in range(4)] == expected
+    assert all(results[i][-1][1]["finish_reason"] == "length" for i in range(4))
