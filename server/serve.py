@@ -51,7 +51,8 @@ def make_server(app, settings: Settings):
     try:
         return waitress.create_server(
             app, sockets=[listening_socket(settings.host, settings.port)],
-            threads=settings.max_queue + 4,  # every waiting stream holds a thread; leave some for quick calls
+            # every waiting or decoding stream holds a thread; leave some for quick calls
+            threads=settings.max_queue + (settings.max_batch or 8) + 4,
             channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
             # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
             max_request_body_size=4 * settings.max_body_bytes + 65536,

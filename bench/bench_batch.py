@@ -1,0 +1,173 @@
+"""The prefix cache and continuous batching on the full-size model, through the engine, in one run.
+
+    python bench/bench_batch.py --dir /data/bench-full                    # the CPU default (4-bit NF4)
+    python bench/bench_batch.py --dir /data/bench-full --config torch-8   # another backend
+    python bench/bench_batch.py --dir /data/bench-full --layers 4         # a quick slice of the same shape
+
+The checkpoint is bench_cpu.py's (written when missing). Three measurements:
+1. Multi-turn chat: a 6-turn greedy chat, ~250 tokens added per round (a ~200-token question and a 48-token
+   reply, sent back as history the way a client does), run with the prefix cache and again without it; time to
+   first token per turn and the tokens taken from the cache. The weights are random, so a reply's tokens are
+   often split otherwise when its text is encoded again: only the common prefix is reused (a trained model's
+   replies re-encode to the same ids; tests/test_prefix_cache.py checks that with the real tokenizer).
+2. Concurrent streams: 1, 2, 4 and 8 short prompts submitted at once (max batch 8), 32 reply tokens each;
+   aggregate tokens/s over the time all decode, and each stream's own tokens/s, against one stream alone.
+3. A job arriving while 3 others decode: its time to first token against its own prefill time alone plus the
+   decode step time of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine import REAL_TOKENIZER, SIX_B  # noqa: E402
+
+GREEDY = dict(temperature=0.0)
+QUESTION = ("请根据下面的材料回答问题，并给出理由。材料：北京是中华人民共和国的首都，历史悠久，文化灿烂，"
+            "拥有故宫、长城、天坛等名胜古迹。The quick brown fox jumps over the lazy dog while the "
+            "committee reviews the quarterly report and the engineers measure the latency of every request. ")
+
+
+def question(turn: int, tokenizer, tokens: int = 200) -> str:
+    """A question of about `tokens` tokens, different per turn."""
+    text = f"第{turn + 1}轮 round {turn + 1}: " + QUESTION * (tokens // 20)
+    return tokenizer.decode(tokenizer.sp.encode(text)[:tokens])
+
+
+def load(folder: Path, config: str):
+    from server.model import load_model
+    from server.profiles import Plan
+
+    backend, bits = config.split("-")
+    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
+    start = time.perf_counter()
+    loaded = load_model(folder, plan)
+    print(f"loaded {config} in {time.perf_counter() - start:.1f} s")
+    return loaded
+
+
+def engine_for(loaded, **options):
+    from server.engine import Engine
+
+    engine = Engine(**options)
+    engine.attach(loaded)
+    return engine
+
+
+def multi_turn(loaded, turns: int, reply: int, cache: bool) -> list[tuple[int, int, float]]:
+    """(prompt tokens, cached tokens, time to first token) per turn."""
+    from server.budget import GenerationRequest
+
+    engine = engine_for(loaded, max_batch=1, prompt_cache_mb=1024 if cache else 0)
+    history, rows = [], []
+    for turn in range(turns):
+        q = question(turn, loaded.tokenizer)
+        done = engine.submit(GenerationRequest(query=q, history=list(history), max_new_tokens=reply,
+                                               **GREEDY)).wait()
+        history.append((q, done.text))
+        rows.append((done.prompt_tokens, done.cached_tokens, done.first_token_seconds))
+        print(f"  turn {turn + 1} {'cache' if cache else 'no cache'}: prompt {done.prompt_tokens}, "
+              f"cached {done.cached_tokens}, TTFT {done.first_token_seconds:.2f} s", flush=True)
+    engine.close()
+    return rows
+
+
+def streams(loaded, n: int, reply: int) -> tuple[float, float]:
+    """(aggregate tok/s, median per-stream tok/s) of n streams submitted at once, counted from the moment the
+    last of them has its first token (the prompts run one after another before the batch decodes)."""
+    from server.budget import GenerationRequest
+
+    engine = engine_for(loaded, max_batch=8, prompt_cache_mb=0)
+    jobs = [engine.submit(GenerationRequest(query=f"第{i}个问题：请介绍一下你自己。", max_new_tokens=reply, **GREEDY))
+            for i in range(n)]
+    done = [job.wait() for job in jobs]
+    engine.close()
+    decoding = max(job.submitted + f.first_token_seconds for job, f in zip(jobs, done))
+    ends = [job.submitted + f.seconds for job, f in zip(jobs, done)]
+    per_stream = [(f.completion_tokens - 1) / (end - decoding) for f, end in zip(done, ends)]
+    aggregate = sum(f.completion_tokens - 1 for f in done) / (max(ends) - decoding)
+    return aggregate, statistics.median(per_stream)
+
+
+def arriving(loaded, reply: int) -> tuple[float, float, float]:
+    """(TTFT of a job joining 3 decoding ones, its prefill alone, the 4-row decode step time)."""
+    from server.budget import GenerationRequest
+
+    late = GenerationRequest(query=question(9, loaded.tokenizer, tokens=100), max_new_tokens=4, **GREEDY)
+    alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
+    prefill = alone.submit(late).wait().first_token_seconds
+    alone.close()
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0)
+    others = [engine.submit(GenerationRequest(query=f"other {i}", max_new_tokens=reply, **GREEDY)) for i in range(3)]
+    for job in others:
+        job.next_event()
+    stamps = []
+    for _ in range(4):  # time a few steps of the three
+        others[0].next_event()
+        stamps.append(time.perf_counter())
+    job = engine.submit(late)
+    ttft = job.wait().first_token_seconds
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    for other in others:
+        other.cancel()
+    engine.close()
+    return ttft, prefill, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, required=True, help="the bench checkpoint (written when missing)")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--config", default="bnb-4", help="bnb-4 (the CPU default), torch-8, torch-4, dense-16")
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--reply", type=int, default=48, help="reply tokens per chat turn")
+    parser.add_argument("--stream-tokens", type=int, default=32)
+    parser.add_argument("--parts", default="chat,streams,arriving")
+    args = parser.parse_args()
+
+    import torch
+
+    if not (args.dir / "config.json").exists():
+        from tests.checkpoint_factory import write_checkpoint
+
+        write_checkpoint(args.dir, num_layers=args.layers, shards=7 if args.layers == 28 else 2,
+                         tokenizer=REAL_TOKENIZER if REAL_TOKENIZER.exists() else None, **SIX_B)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}")
+    loaded = load(args.dir, args.config)
+    parts = args.parts.split(",")
+
+    if "chat" in parts:
+        print(f"\n1. {args.turns}-turn chat, ~250 tokens a round:")
+        cached = multi_turn(loaded, args.turns, args.reply, cache=True)
+        plain = multi_turn(loaded, args.turns, args.reply, cache=False)
+        print("| turn | prompt tokens | cached | TTFT with cache | TTFT without | with ÷ turn 1 | without ÷ turn 1 |")
+        print("|---|---|---|---|---|---|---|")
+        for i, ((p, c, t), (_, _, u)) in enumerate(zip(cached, plain), start=1):
+            print(f"| {i} | {p} | {c} | {t:.2f} s | {u:.2f} s | {t / cached[0][2]:.2f} | {u / plain[0][2]:.2f} |")
+
+    if "streams" in parts:
+        print(f"\n2. concurrent streams, {args.stream_tokens} reply tokens each:")
+        rows = [(n, *streams(loaded, n, args.stream_tokens)) for n in (1, 2, 4, 8)]
+        single = rows[0][1]
+        print("| streams | aggregate tok/s | ÷ one stream | per-stream tok/s | ÷ a lone stream |")
+        print("|---|---|---|---|---|")
+        for n, aggregate, per_stream in rows:
+            print(f"| {n} | {aggregate:.2f} | {aggregate / single:.2f} | {per_stream:.2f} | "
+                  f"{per_stream / rows[0][2]:.2f} |")
+
+    if "arriving" in parts:
+        ttft, prefill, step = arriving(loaded, reply=200)
+        print(f"\n3. a job arriving while 3 decode: TTFT {ttft:.2f} s; its prefill alone {prefill:.2f} s, "
+              f"4-row step {step:.2f} s; limit prefill + 2 steps = {prefill + 2 * step:.2f} s "
+              f"(TTFT ÷ limit {ttft / (prefill + 2 * step):.2f})")
+
+
+if __name__ == "__main__":
+    main()
