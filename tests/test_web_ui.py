@@ -149,6 +149,28 @@ def test_edited_answer_is_what_the_next_request_sends(ui):
     assert u.streams[-1]["history"] == [["改过的问题", "我改过的回答"]]
 
 
+def test_the_next_turn_from_the_page_reuses_the_conversation(ui, engine_for, eos_checkpoint, caplog):
+    """The page sends the history as it shows it; the server's prefix cache finds the earlier turn in it."""
+    import re
+
+    from server.model import load_model
+    from tests.conftest import cpu_plan
+
+    caplog.set_level("INFO", logger="server.requests")
+    u = ui(engine_for(load_model(eos_checkpoint, cpu_plan())))  # every reply ends at once: short turns
+    u.send("第一个问题")
+    u.send("第二个问题")
+    assert u.streams[-1]["history"] == [["第一个问题", ""]]
+    counts = []
+    for _ in range(50):  # bounded: each line is written as its job ends
+        counts = [tuple(map(int, m)) for m in re.findall(r"/stream prompt=(\d+) cached=(\d+)", caplog.text)]
+        if len(counts) == 2:
+            break
+        u.page.wait_for_timeout(20)
+    (first_prompt, first_cached), (second_prompt, second_cached) = counts
+    assert first_cached == 0 and first_prompt - 1 <= second_cached < second_prompt
+
+
 def test_answer_prefix_leads_the_reply(ui):
     u = ui()
     u.send("写一首诗", prefix="春眠不觉晓，")
