@@ -54,6 +54,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
             "queue": engine.queue_length,
             "running": engine.running_id,
             "running_jobs": engine.running_ids,
+            "queued_jobs": engine.queued_ids,
             "max_batch": engine.max_batch if loaded else None,
             "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache else None,
             "version": __version__,

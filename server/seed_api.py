@@ -40,20 +40,33 @@ def index():
 
 @bp.post("/stream")
 def stream():
-    chat = chat_request(json_body(request))
+    body = json_body(request)
+    chat = chat_request(body)
+    deltas = flag(body, "delta", False)  # our extension: only what changed, not the whole reply twice per event
     eng = engine()
     job = submit(eng, chat)
     history = [list(pair) for pair in chat.history]  # as sent, even when old rounds were dropped to fit
     watch = client_watcher(request.environ)
 
     def events():
+        shown = ""
         for event in follow(eng, job, watch, "/stream"):
             if isinstance(event, Update):
-                yield sse([event.text, history + [[chat.query, event.text]]])
+                if deltas:
+                    yield sse(change(shown, event.text))
+                    shown = event.text
+                else:
+                    yield sse([event.text, history + [[chat.query, event.text]]])
             else:
                 yield finish_event(job, event)
 
     return event_stream(announce(job, events()), job)
+
+
+def change(before: str, after: str) -> dict:
+    """A delta event: the text to append, or (rarely: the reply is cleaned as a whole, e.g. a placeholder
+    filled in) the whole new text."""
+    return {"delta": after[len(before):]} if after.startswith(before) else {"text": after}
 
 
 def finish_event(job: Job, finished: Finished) -> bytes:

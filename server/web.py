@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, redirect, request, send_from_directory
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
@@ -38,7 +39,26 @@ def highlight_code(code: str, lang: str, _attrs) -> str:
     return highlight(code, lexer, HtmlFormatter(nowrap=True, classprefix="hl-"))
 
 
+def link_open(renderer, tokens, idx, options, env) -> str:
+    """Links open in a new window, telling the target nothing about this page."""
+    tokens[idx].attrSet("target", "_blank")
+    tokens[idx].attrSet("rel", "noopener noreferrer")
+    return renderer.renderToken(tokens, idx, options, env)
+
+
+def image(renderer, tokens, idx, options, env) -> str:
+    """An image is a button that loads it when clicked: a reply must not fetch a remote address (a tracking
+    pixel) just by being shown."""
+    token = tokens[idx]
+    alt = renderer.renderInlineAsText(token.children or [], options, env)
+    src = token.attrGet("src") or ""
+    return (f'<button type="button" class="remote-image" data-src="{escapeHtml(src)}" title="{escapeHtml(src)}">'
+            f'🖼 {escapeHtml(alt or src)}</button>')
+
+
 MARKDOWN = MarkdownIt("commonmark", {"html": False, "highlight": highlight_code}).enable(["table", "strikethrough"])
+MARKDOWN.add_render_rule("link_open", link_open)
+MARKDOWN.add_render_rule("image", image)
 
 
 def render_markdown(source: str) -> str:
@@ -77,23 +97,34 @@ def render():
 @bp.get("/pygments.css")
 def pygments_css():
     light = HtmlFormatter(style="friendly", classprefix="hl-").get_style_defs(".md pre")
-    dark = HtmlFormatter(style="monokai", classprefix="hl-").get_style_defs(".md pre")
-    css = f"{light}\n@media (prefers-color-scheme: dark) {{\n{dark}\n}}\n"
+    # dark with the system's dark mode unless the page is switched to light, and whenever switched to dark
+    dark = HtmlFormatter(style="monokai", classprefix="hl-")
+    css = (f"{light}\n@media (prefers-color-scheme: dark) {{\n"
+           f"{dark.get_style_defs(':root:not([data-theme=light]) .md pre')}\n}}\n"
+           f"{dark.get_style_defs('[data-theme=dark] .md pre')}\n")
     return Response(css, content_type="text/css; charset=utf-8")
 
 
 @bp.get("/icon-<int:size>.png")
-def icon(size: int):
+@bp.get("/icon-maskable-<int:size>.png", defaults={"maskable": True})
+def icon(size: int, maskable: bool = False):
     if size not in (192, 512):
         return jsonify({"success": False, "message": "icons come in 192 and 512 pixels"}), 404
-    return Response(icon_png(size), content_type="image/png", headers={"Cache-Control": "max-age=86400"})
+    return Response(icon_png(size, maskable), content_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
 
-@lru_cache(maxsize=2)
-def icon_png(size: int) -> bytes:
-    """The app icon, drawn here: a white speech bubble on a blue rounded square."""
+@bp.get("/sw.js")
+def service_worker():
+    # served without caching, so that a changed worker replaces the old one at the next visit
+    return send_from_directory(STATIC, "sw.js", max_age=0, mimetype="text/javascript")
+
+
+@lru_cache(maxsize=4)
+def icon_png(size: int, maskable: bool = False) -> bytes:
+    """The app icon, drawn here: a white speech bubble on a blue rounded square. The maskable variant fills the
+    whole square (the launcher cuts its own shape) and keeps the bubble inside the central safe zone."""
     rows = []
-    r = size * 0.22  # corner radius of the square
+    r = 0 if maskable else size * 0.22  # corner radius of the square
     for y in range(size):
         row = bytearray([0])  # PNG filter byte
         for x in range(size):

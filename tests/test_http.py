@@ -423,3 +423,34 @@ def test_request_log_and_chat_log(server, caplog):
     assert "记录我" not in line  # full texts only in the chat log
     chat = next(r.getMessage() for r in caplog.records if r.name == "server.chatlog")
     assert json.loads(chat)["query"] == "记录我"
+
+
+def test_delta_mode_streams_only_what_changed_and_adds_up_to_the_seed_stream(server):
+    body = {"query": "你好", "history": [["hi", "hello"]], "max_length": 80, "temperature": 0}
+    seed = parse_sse(requests.post(server.url + "/stream", json=body).content)
+    delta = parse_sse(requests.post(server.url + "/stream", json={**body, "delta": True}).content)
+    *seed_updates, (_, seed_done) = seed
+    *delta_updates, (name, delta_done) = delta
+    assert name == "done" and delta_done["completion_tokens"] == seed_done["completion_tokens"]
+    text = ""
+    for _, data in delta_updates:
+        text = data["text"] if "text" in data else text + data["delta"]
+    assert text == seed_updates[-1][1][0]
+    assert len(delta_updates) == len(seed_updates)
+    assert all(set(data) in ({"delta"}, {"text"}) for _, data in delta_updates)
+
+
+def test_delta_change_is_an_append_or_the_whole_text():
+    from server.seed_api import change
+
+    assert change("abc", "abcd") == {"delta": "d"}
+    assert change("", "x") == {"delta": "x"}
+    assert change("今年是[[训练", "今年是2023年") == {"text": "今年是2023年"}  # a filled placeholder rewrites
+
+
+def test_rendered_links_open_apart_and_images_become_buttons(server):
+    html = requests.post(server.url + "/ui/render", json={
+        "text": '[doc](https://example.com/a?b=1&c=2) ![px "x"](http://t.example/p.gif?u=1&v=<2>)'}).json()["html"]
+    assert '<a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">doc</a>' in html
+    assert "<img" not in html
+    assert 'class="remote-image" data-src="http://t.example/p.gif?u=1&amp;v=%3C2%3E"' in html

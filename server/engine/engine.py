@@ -169,6 +169,12 @@ class Engine:
         return len(self._pending)
 
     @property
+    def queued_ids(self) -> list[str]:
+        """Waiting jobs, the next first."""
+        with self._lock:
+            return [job.id for job in self._pending]
+
+    @property
     def running_ids(self) -> list[str]:
         with self._lock:
             return list(self._running)
