@@ -281,7 +281,7 @@ def batch_size(loaded: LoadedModel, asked: int) -> int:
     free = free_memory(device)
     if free is None:
         return wanted
-    config, plan = loaded.model.config, loaded.plan
+    plan = loaded.plan
     per_row = kv_bytes_per_token(loaded) * plan.max_context
     fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
     if fits < wanted:
