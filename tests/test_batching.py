@@ -154,6 +154,7 @@ def test_the_batch_is_capped_by_the_memory_a_full_context_row_needs(tiny_model, 
     monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve + 3 * per_row)
     assert engine_module.batch_size(tiny_model, 0) == 3  # the CPU's default of 4 does not fit
     assert engine_module.batch_size(tiny_model, 2) == 2
+    assert engine_module.batch_size(tiny_model, 0, prefix_cache_bytes=per_row) == 2  # the cache shares the RAM
     monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve)
     assert engine_module.batch_size(tiny_model, 8) == 1  # one row always runs, as before batching
 

@@ -97,10 +97,10 @@ class Engine:
         self.loaded = loaded
         tok = loaded.tokenizer
         self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.eos_id, loaded.device)
-        self.max_batch = batch_size(loaded, self.max_batch)
         if self.prompt_cache_mb is None:
             self.prompt_cache_mb = default_prompt_cache_mb()
         self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2)
+        self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
@@ -273,14 +273,17 @@ class Engine:
             self._running.pop(job.id, None)
 
 
-def batch_size(loaded: LoadedModel, asked: int) -> int:
+def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> int:
     """Rows decoded together: as asked (or the device's default), and no more than the memory left after
-    loading holds with every row at the full context."""
+    loading holds with every row at the full context. The prefix cache lives in RAM: on a CPU it shares that
+    memory with the batch (a full prefix cache must not leave the batch without room); on a GPU it does not."""
     device = loaded.device.type
     wanted = asked or DEFAULT_MAX_BATCH.get(device, 1)
     free = free_memory(device)
     if free is None:
         return wanted
+    if device == "cpu":
+        free -= prefix_cache_bytes
     plan = loaded.plan
     per_row = kv_bytes_per_token(loaded) * plan.max_context
     fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
