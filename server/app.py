@@ -56,7 +56,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
             "running_jobs": engine.running_ids,
             "queued_jobs": engine.queued_ids,
             "max_batch": engine.max_batch if loaded else None,
-            "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache else None,
+            "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache is not None else None,
             "version": __version__,
             "notices": engine.notices,
             **engine.detail,
