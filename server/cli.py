@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"environment variable {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}PORT=5178); flags win over "
                     "variables, variables over the file.",
     )
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "chat"),
-                        help="serve: the HTTP API (default); chat: chat in this terminal")
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "chat", "export"),
+                        help="serve: the HTTP API (default); chat: chat in this terminal; export DIR: write the "
+                             "model as a standard Hugging Face folder (--dtype float16, bfloat16 or float32)")
+    parser.add_argument("target", nargs="?", help="export: the folder to write")
     defaults = Settings()
     for f in settings_fields():
         default = getattr(defaults, f.name)
@@ -74,6 +76,22 @@ def settings_from(args: argparse.Namespace, environ=None) -> Settings:
     return Settings().replace(**changes)
 
 
+def run_export(settings: Settings, target: str | None) -> int:
+    """Download what is missing, convert once, and write the export folder."""
+    if not target:
+        raise UserError("导出需要目标文件夹 / export needs a folder: python -m server export DIR")
+    from .bootstrap import ensure_model
+    from .export import export
+
+    ensure_model(settings)
+    try:
+        out = export(settings.model_dir, Path(target), "float16" if settings.dtype == "auto" else settings.dtype)
+    except (FileExistsError, ValueError) as exc:
+        raise UserError(f"无法导出 / Cannot export: {exc}") from exc
+    print(f"已导出 / exported: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # Chinese text on any console code page
         if hasattr(stream, "reconfigure"):
@@ -86,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import run_chat
 
             return run_chat(settings)
+        if args.command == "export":
+            return run_export(settings, args.target)
         from .serve import run_server
 
         return run_server(settings)
