@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from .convert import ensure_converted
+from .model import DTYPES
 from .tokenizer import EOS_ID, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SHARD_BYTES = 2 * 1024**3
 
 # OpenAI-style messages -> the ChatGLM2 prompt, as openai_api.to_rounds maps them: system (and developer)
@@ -89,33 +89,31 @@ def write_weights(converted: Path, out: Path, dtype: torch.dtype) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    names_by_shard, current, size, total = [], {}, 0, 0
-    temp = []  # shards are written under a temporary name until their count is known
+    shards = []  # (temporary path, tensor names): the final names need the count of shards
+    current, size, total = {}, 0, 0
+
+    def flush():
+        path = out / f"part-{len(shards)}.safetensors.tmp"
+        save_file(current, str(path), metadata={"format": "pt"})
+        shards.append((path, list(current)))
+
     for source in sorted(converted.glob("model-*.safetensors")):
         with safe_open(str(source), framework="pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name).to(dtype).contiguous()
                 if current and size + tensor.nbytes > SHARD_BYTES:
-                    temp.append(flush(current, out, len(temp), save_file))
-                    names_by_shard.append(list(current))
+                    flush()
                     current, size = {}, 0
                 current[name] = tensor
                 size += tensor.nbytes
                 total += tensor.nbytes
-    temp.append(flush(current, out, len(temp), save_file))
-    names_by_shard.append(list(current))
+    flush()
     weight_map = {}
-    for i, (path, names) in enumerate(zip(temp, names_by_shard), start=1):
-        final = f"model-{i:05d}-of-{len(temp):05d}.safetensors"
+    for i, (path, names) in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         path.rename(out / final)
         weight_map.update({name: final for name in names})
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def flush(tensors: dict, out: Path, index: int, save_file) -> Path:
-    path = out / f"part-{index}.safetensors.tmp"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
 
 
 def fast_tokenizer(model_file: Path):

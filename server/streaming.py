@@ -104,8 +104,8 @@ def event_stream(events, job: Job) -> Response:
 def summary(job: Job, finished: Finished) -> dict:
     """What the `done` event reports."""
     return {"finish_reason": finished.finish_reason, "id": job.id, "prompt_tokens": finished.prompt_tokens,
-            "cached_tokens": finished.cached_tokens, "completion_tokens": finished.completion_tokens, "dropped_rounds": finished.dropped_rounds,
-            "seconds": round(finished.seconds, 3)}
+            "cached_tokens": finished.cached_tokens, "completion_tokens": finished.completion_tokens,
+            "dropped_rounds": finished.dropped_rounds, "seconds": round(finished.seconds, 3)}
 
 
 def log_finished(route: str, job: Job, finished: Finished) -> None:

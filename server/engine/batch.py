@@ -68,7 +68,8 @@ class Batch:
 
     def remove(self, ended: list[int]) -> None:
         """Drop the rows at these indices."""
-        keep = [i for i in range(len(self.rows)) if i not in set(ended)]
+        ended = set(ended)
+        keep = [i for i in range(len(self.rows)) if i not in ended]
         self.rows = [self.rows[i] for i in keep]
         self.pads = [self.pads[i] for i in keep]
         if not keep:
@@ -84,8 +85,8 @@ class Batch:
     def row_tensors(self, i: int, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row i's keys and values without padding, copied (to `device`) so the batch's tensors can go."""
         pad = self.pads[i]
-        return [(layer.keys[i:i + 1, :, pad:].to(device, copy=True), layer.values[i:i + 1, :, pad:].to(device, copy=True))
-                for layer in self.cache.layers]
+        return [(layer.keys[i:i + 1, :, pad:].to(device, copy=True),
+                 layer.values[i:i + 1, :, pad:].to(device, copy=True)) for layer in self.cache.layers]
 
     def step(self) -> torch.Tensor:
         """Run every row's next token; return the logits of each row's next position [rows, vocab]."""

@@ -313,22 +313,23 @@ async function generate(conv, index) {
     finish = finish || {finish_reason: "lost"};
   } finally {
     busy = null;
+    if (finish) showFinish(conv, finish); // none when refused: the pair is as it was
     renderComposer();
     save();
     renderMessages();
+    renderList();
   }
+  return finish.finish_reason;
+}
+function showFinish(conv, finish) {
   if (finish.finish_reason === "lost" || finish.finish_reason === "error") {
     $("status").textContent = t("lost");
-  } else {
-    conv.pairs.forEach((p, i) => { p.dropped = i < (finish.dropped_rounds || 0); });
-    const rate = finish.completion_tokens / Math.max(finish.seconds, 0.001);
-    $("status").textContent = t("finished", {f: t(finish.finish_reason + "Reason"), n: finish.completion_tokens,
-                                             r: rate.toFixed(1)});
+    return;
   }
-  save();
-  renderMessages();
-  renderList();
-  return finish.finish_reason;
+  conv.pairs.forEach((p, i) => { p.dropped = i < (finish.dropped_rounds || 0); });
+  const rate = finish.completion_tokens / Math.max(finish.seconds, 0.001);
+  $("status").textContent = t("finished", {f: t(finish.finish_reason + "Reason"), n: finish.completion_tokens,
+                                           r: rate.toFixed(1)});
 }
 async function watchQueue(job) {
   // Until the first words arrive: where the request stands (waiting behind others, or reading the prompt).
@@ -681,32 +682,32 @@ function fillBody(body, text, markdown) {
   body.className = "body";
   body.textContent = text;
   if (markdown && text) {
-    renderMarkdown(text).then((ok) => {
+    renderMarkdown(text).then((result) => {
       if (!body.isConnected || body.textContent !== text) return;
-      if (ok === true) fillBody(body, text, true);
-      else if (ok === "never") return;
-      else setTimeout(() => fillBody(body, text, true), renderBackoff); // try again later, less and less often
+      if (result === "done") fillBody(body, text, true);
+      else if (result === "later") setTimeout(() => fillBody(body, text, true), renderBackoff); // less and less often
     });
   }
 }
 function renderMarkdown(text) {
   // One request per text at a time; after a failure none until a pause has passed or the server is back, so a
   // server that is down is not asked again and again (the text stays readable as plain text meanwhile).
+  // Resolves to "done", "later" (try again after a pause) or "never" (the server refuses this text).
   if (rendering.has(text)) return rendering.get(text);
-  if (Date.now() < renderPausedUntil) return Promise.resolve(false);
+  if (Date.now() < renderPausedUntil) return Promise.resolve("later");
   const request = (async () => {
     try {
       const res = await postJSON("/ui/render", {text});
       if (res.ok) {
         rendered.set(text, (await res.json()).html);
         renderBackoff = 1000;
-        return true;
+        return "done";
       }
       if (res.status === 413 || res.status === 400) return "never"; // too long to render: stays plain text
     } catch (err) { /* offline */ }
     renderPausedUntil = Date.now() + renderBackoff;
     renderBackoff = Math.min(renderBackoff * 2, 30000);
-    return false;
+    return "later";
   })();
   rendering.set(text, request);
   request.finally(() => rendering.delete(text));
