@@ -60,10 +60,14 @@ class DownloadError(UserError):
     """A download failed in a way the user must act on; the message says how (Chinese, then English)."""
 
 
-def ensure_model(settings: Settings, report: Report | None = None) -> None:
-    """Download whatever the model folder lacks (and re-check it with --verify)."""
+def ensure_model(settings: Settings, report: Report | None = None, only: tuple[str, ...] = ()) -> None:
+    """Download whatever the model folder lacks (and re-check it with --verify); `only` names the files wanted
+    when not the whole model is (a front end needs only tokenizer.model)."""
     folder = settings.model_dir
-    missing = missing_files(folder) if folder.is_dir() else ["config.json", "tokenizer.model", "the weights"]
+    if only:
+        missing = [name for name in only if not (folder / name).is_file()]
+    else:
+        missing = missing_files(folder) if folder.is_dir() else ["config.json", "tokenizer.model", "the weights"]
     if not missing and not settings.verify:
         return
     if settings.offline and not missing:
@@ -82,6 +86,8 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
         raise DownloadError(f"无法创建模型文件夹 / Cannot create {folder}: {exc.strerror or exc}. "
                             "Choose a folder you can write to with --model-dir.") from exc
     files, commit = remote_files(settings)
+    if only:
+        files = [f for f in files if f.name in only]
     todo = [f for f in files if not present(folder / f.name, f)]
     if settings.verify:
         for f in files:
@@ -89,7 +95,7 @@ def ensure_model(settings: Settings, report: Report | None = None) -> None:
                 log.warning("%s does not match the hub's %s: downloading it again", f.name,
                             "size" if not present(folder / f.name, f) else "checksum")
                 todo.append(f)
-    converted = (folder / CACHE_NAME).exists()
+    converted = bool(only) or (folder / CACHE_NAME).exists()  # no conversion follows a partial download
     check_disk_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
     fetch_all(settings, commit, todo, report)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from .tokenizer import ChatGLM2Tokenizer, round_text
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow to inf and softmax gives nan
+
 
 @dataclass
 class GenerationRequest:

@@ -65,7 +65,14 @@ class Settings:
         "4-bit, torch at 8-bit (see README, Performance)",
         choices=("auto", "torch", "bnb"),
     )
-    max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's")
+    backend: str | None = option(
+        None, "generate on OpenAI-compatible engines (vLLM, SGLang, llama.cpp's server) instead of a local model: "
+              "their base URLs, e.g. http://gpu-host:8000/v1 (comma-separated or repeated; each request goes to "
+              "the least busy). The model folder then needs only tokenizer.model (no weights, no torch)",
+        repeat=True)
+    backend_key: str | None = option(None, "API key sent to the --backend engines (as 'Authorization: Bearer')")
+    max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's "
+                                           "(with --backend: the smallest context the engines report, else 8192)")
     max_queue: int = option(8, "jobs that may wait for the model; more are refused as busy")
     max_batch: int = option(
         0, "requests decoded together in one step (continuous batching); 0 = automatic: 4 on a CPU, 8 on a GPU, "

@@ -14,6 +14,8 @@ import inspect
 import torch
 from transformers import DynamicCache, GlmForCausalLM
 
+from .budget import MIN_TEMPERATURE
+
 # transformers renamed `past_key_values` to `cache` after 5.20 (the Python 3.10 bundle pins 5.20.x): use what
 # this version takes. The cache object is updated in place, so it is passed in and never read back from outputs.
 CACHE_ARG = "cache" if "cache" in inspect.signature(GlmForCausalLM.forward).parameters else "past_key_values"
@@ -35,9 +37,6 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum()
-
-
-MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow to inf and softmax gives nan
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -23,7 +23,7 @@ import torch
 from .convert import ensure_converted
 from .cpu_quant import DENSE_FROM_TOKENS, swap_linears
 from .profiles import Plan
-from .tokenizer import ChatGLM2Tokenizer
+from .tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,9 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
     """Convert once if needed (progress(fraction) while converting), load, check, warm up."""
     model_dir = Path(model_dir)
     try:
-        tokenizer = ChatGLM2Tokenizer(model_dir / "tokenizer.model")
-    except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece's parse errors are RuntimeErrors
-        raise ModelLoadError(f"{model_dir / 'tokenizer.model'} is not a sentencepiece model ({str(exc)[:80]}): "
-                             "download it again (delete it and start)") from exc
+        tokenizer = load_tokenizer(model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     fmt = cache_format(plan)
     converted = ensure_converted(model_dir, fmt, progress)
     if fmt.startswith("cpu-int"):

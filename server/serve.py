@@ -14,7 +14,8 @@ import waitress
 from .app import create_app
 from .config import PROJECT_ROOT, Settings, UserError
 from .engine import Engine
-from .startup import load_for
+from .startup import load_for, load_tokenizer_for
+from .upstream import UpstreamEngine
 from .streaming import chatlog
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def make_server(app, settings: Settings):
         return waitress.create_server(
             app, sockets=[listening_socket(settings.host, settings.port)],
             # every waiting or decoding stream holds a thread; leave some for quick calls
-            threads=settings.max_queue + (settings.max_batch or 8) + 4,
+            threads=settings.max_queue + (settings.max_batch or 8) * len((settings.backend or "-").split(",")) + 4,
             channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
             # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
             max_request_body_size=4 * settings.max_body_bytes + 65536,
@@ -73,8 +74,15 @@ def run_server(settings: Settings) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         chatlog.addHandler(handler)
         chatlog.setLevel(logging.INFO)
-    engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
-                    max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
+    if settings.backend:  # a front end: generation runs on the upstream engines
+        engine = UpstreamEngine(settings.backend.split(","), max_queue=settings.max_queue,
+                                reply_reserve=settings.reply_reserve, max_batch=settings.max_batch,
+                                max_context=settings.max_context, api_key=settings.backend_key)
+        loader = lambda engine: load_tokenizer_for(settings, report=engine.set_state)  # noqa: E731
+    else:
+        engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
+                        max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
+        loader = lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice)  # noqa: E731
     server = make_server(create_app(settings, engine), settings)
     url = f"http://{browser_host(settings.host)}:{server.effective_port}"
 
@@ -83,8 +91,7 @@ def run_server(settings: Settings) -> int:
         log.info("模型已就绪 / The model is ready: chat at %s/ui/ (%s, %s, context %d tokens)", url, plan.device,
                  plan.precision, plan.max_context)
 
-    engine.load_in_background(lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice),
-                              on_ready=ready)
+    engine.load_in_background(loader, on_ready=ready)
     log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
     if settings.open_browser:
         # the page shows download and loading progress itself; on a thread, since a console browser (lynx, w3m)

@@ -13,6 +13,17 @@ from .profiles import plan_for, probe_hardware
 log = logging.getLogger(__name__)
 
 
+def load_tokenizer_for(settings: Settings, report: Report | None = None):
+    """A front end's whole model: tokenizer.model, downloaded alone when missing (-> ChatGLM2Tokenizer)."""
+    from .tokenizer import load_tokenizer
+
+    ensure_model(settings, report, only=("tokenizer.model",))
+    try:
+        return load_tokenizer(settings.model_dir)
+    except ValueError as exc:
+        raise UserError(f"无法加载分词器 / Cannot load the tokenizer: {exc}") from exc
+
+
 def load_for(settings: Settings, report: Report | None = None, notice: Callable[[str], None] | None = None):
     """Download what is missing (first start), then plan, convert once and load (-> LoadedModel).
 

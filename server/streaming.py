@@ -16,6 +16,7 @@ from flask import Response
 
 from .budget import ContextOverflow, GenerationRequest
 from .engine import Engine, EngineBusy, Finished, Job, NotReady, Update
+from .upstream import UpstreamRejected
 from .validation import ApiError
 
 log = logging.getLogger("server.requests")
@@ -34,6 +35,8 @@ def submit(engine: Engine, request: GenerationRequest) -> Job:
         raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER) from None
     except EngineBusy as exc:
         raise ApiError(429, str(exc), code="server_busy", headers=RETRY_AFTER) from None
+    except UpstreamRejected as exc:
+        raise ApiError(502, f"the upstream engine refused the request: {exc}", code="upstream_rejected") from None
     except ContextOverflow as exc:
         raise ApiError(413, str(exc), code="context_length_exceeded", param="messages",
                        prompt_tokens=exc.prompt_tokens, limit=exc.limit, max_context=exc.max_context) from None
@@ -42,13 +45,15 @@ def submit(engine: Engine, request: GenerationRequest) -> Job:
 def not_ready_message(engine: Engine) -> str:
     if engine.state == "error":
         return f"the model failed to load: {engine.detail.get('error', 'see the server log')}"
+    if engine.state == "unavailable":  # a front end whose upstream engines do not answer
+        return f"{engine.detail.get('error')}; try again in a few seconds"
     progress = engine.detail.get("progress")
     done = f" ({progress:.0%} done)" if isinstance(progress, float) else ""
     return f"the model is still {engine.state}{done}; try again in a few seconds"
 
 
 def tokenizer_of(engine: Engine):
-    if engine.state != "ready" or engine.loaded is None:
+    if engine.loaded is None:  # (a front end counts tokens also while its upstreams are away)
         raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER)
     return engine.loaded.tokenizer
 
@@ -81,7 +86,7 @@ def wait_for(route: str, job: Job) -> Finished:
     finished = job.wait()
     if finished.finish_reason == "error":
         raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
-                       code="generation_failed")
+                       code="generation_failed", headers=RETRY_AFTER)
     return finished
 
 

@@ -14,6 +14,16 @@ TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
 TRAINING_DATE = "2023年"
 
 
+def load_tokenizer(model_dir: str | Path) -> "ChatGLM2Tokenizer":
+    """The tokenizer of a model folder, or a ValueError that says what to do."""
+    path = Path(model_dir) / "tokenizer.model"
+    try:
+        return ChatGLM2Tokenizer(path)
+    except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece's parse errors are RuntimeErrors
+        raise ValueError(f"{path} is not a sentencepiece model ({str(exc)[:80]}): download it again (delete it "
+                         "and start)") from exc
+
+
 class ChatGLM2Tokenizer:
     def __init__(self, model_file: str | Path):
         import sentencepiece  # here, not at import: the HTTP layer imports this module before any model
@@ -35,6 +45,12 @@ class ChatGLM2Tokenizer:
 
     def prompt_prefix(self) -> list[int]:
         return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
+
+    @staticmethod
+    def prompt_text(query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> str:
+        """The prompt as text, special tokens spelled out: what an engine that takes no token ids is sent (its
+        tokenizer, e.g. the export's tokenizer.json, turns it into build_prompt's ids)."""
+        return "[gMASK]sop" + chat_text(query, history, answer_prefix)
 
     # -- counting --------------------------------------------------------------------------------------------
     def pieces(self, text: str) -> list[str]:

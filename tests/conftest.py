@@ -85,7 +85,7 @@ def engine(engine_for, tiny_model):
 class LiveServer:
     """The real app on a real waitress server, on a free loopback port, in a background thread."""
 
-    def __init__(self, engine, **settings):
+    def __init__(self, engine, app=None, **settings):
         import threading
 
         from server.app import create_app
@@ -93,8 +93,8 @@ class LiveServer:
         from server.serve import make_server
 
         self.engine = engine
-        self.settings = Settings(host="127.0.0.1", port=0, chatlog=False, **settings)
-        self.app = create_app(self.settings, engine)
+        self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "chatlog": False, **settings})
+        self.app = app or create_app(self.settings, engine)
         self.server = make_server(self.app, self.settings)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.stopping = threading.Event()
@@ -121,8 +121,8 @@ def serve():
     """serve(engine, **settings) -> LiveServer, closed after the test."""
     servers = []
 
-    def start(engine, **settings):
-        servers.append(LiveServer(engine, **settings))
+    def start(engine, app=None, **settings):
+        servers.append(LiveServer(engine, app, **settings))
         return servers[-1]
 
     yield start
@@ -133,3 +133,58 @@ def serve():
 @pytest.fixture
 def server(serve, engine):
     return serve(engine)
+
+
+@pytest.fixture
+def serve_standin(serve):
+    """serve_standin(engine, **knobs) -> a vLLM-framed OpenAI-compatible engine on loopback that generates with
+    `engine` (tests/upstream_standin.py); its StandIn is `.standin`."""
+    from tests.upstream_standin import StandIn
+
+    def start(engine, **knobs):
+        standin = StandIn(engine, **knobs)
+        upstream = serve(engine, app=standin.app())
+        upstream.standin = standin
+        return upstream
+
+    return start
+
+
+@pytest.fixture
+def front_for(serve_standin):
+    """front_for(engine, **options) -> an attached UpstreamEngine (--backend) whose one upstream is a stand-in
+    serving `engine`, with the same context budget and reply reserve; the stand-in is `.upstream_server`."""
+    from server.upstream import UpstreamEngine
+
+    fronts = []
+
+    def make(engine, standin=None, **options):
+        upstream = standin or serve_standin(engine)
+        front = UpstreamEngine([upstream.url + "/v1"], reply_reserve=engine.reply_reserve, **options)
+        front.attach(engine.loaded.tokenizer)
+        front.upstream_server = upstream
+        fronts.append(front)
+        return front
+
+    yield make
+    for front in fronts:
+        front.close()
+
+
+@pytest.fixture(params=["local", "front"])
+def serve_api(request, serve, front_for):
+    """serve_api(engine, **settings) -> the project's API over `engine`: directly ("local"), or ("front") as a
+    front end (--backend) whose upstream is a vLLM-framed stand-in generating with that engine. The same
+    tests run both ways; `.backing` is the engine that generates."""
+    def start(engine, **settings):
+        server = serve(engine if request.param == "local" else front_for(engine), **settings)
+        server.backing = engine
+        return server
+
+    start.mode = request.param
+    return start
+
+
+@pytest.fixture
+def server_api(serve_api, engine):
+    return serve_api(engine)

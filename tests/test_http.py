@@ -68,15 +68,23 @@ def wait_until_running(engine, timeout=10):
     assert engine.running_id is not None
 
 
-def test_index_is_the_seed_contract(server):
-    r = requests.get(server.url + "/")
+def wait_until_idle(engine, timeout=10):
+    """Nothing runs on the engine any more (bounded wait)."""
+    deadline = time.time() + timeout
+    while engine.running_id is not None and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running_id is None
+
+
+def test_index_is_the_seed_contract(server_api):
+    r = requests.get(server_api.url + "/")
     assert r.status_code == 200 and r.json() == {"message": "Server started", "success": True}
     assert list(r.json()) == ["message", "success"]
 
 
-def test_stream_framing_byte_for_byte(server, engine):
+def test_stream_framing_byte_for_byte(server_api, engine):
     body = {"query": "你好", "history": [["hi", "hello"]], "max_length": "80", "temperature": 0}
-    r = requests.post(server.url + "/stream", json=body)
+    r = requests.post(server_api.url + "/stream", json=body)
     assert r.status_code == 200
     assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert r.headers["X-Job-Id"]
@@ -98,8 +106,8 @@ def test_stream_framing_byte_for_byte(server, engine):
     assert r.content.endswith(b"event: done\ndata: " + json.dumps(done, separators=(",", ":")).encode() + b"\n\n")
 
 
-def test_stream_really_streams_one_chunk_per_event(serve, engine_for, slow_model):
-    server = serve(engine_for(slow_model))
+def test_stream_really_streams_one_chunk_per_event(serve_api, engine_for, slow_model):
+    server = serve_api(engine_for(slow_model))
     received = raw_stream(server.url, "/stream", json.dumps({"query": "hi", "max_length": 60,
                                                              "temperature": 0}).encode())
     head, chunks = dechunk(received)
@@ -114,8 +122,8 @@ def test_stream_really_streams_one_chunk_per_event(serve, engine_for, slow_model
     assert len(received) >= len(events) * 0.5  # arrived in many reads, not one burst at the end
 
 
-def test_dropped_history_is_still_echoed_as_sent(serve, engine_for, tiny_model):
-    server = serve(engine_for(tiny_model, reply_reserve=32))
+def test_dropped_history_is_still_echoed_as_sent(serve_api, engine_for, tiny_model):
+    server = serve_api(engine_for(tiny_model, reply_reserve=32))
     history = [[f"问题{i} hello world", f"回答{i} the model answer"] for i in range(12)]
     r = requests.post(server.url + "/stream", json={"query": "最后", "history": history, "temperature": 0})
     *updates, (_, done) = parse_sse(r.content)
@@ -123,8 +131,8 @@ def test_dropped_history_is_still_echoed_as_sent(serve, engine_for, tiny_model):
     assert updates[-1][1][1][:-1] == history
 
 
-def test_interrupt_mid_stream(serve, engine_for, slow_model):
-    server = serve(engine_for(slow_model))
+def test_interrupt_mid_stream(serve_api, engine_for, slow_model):
+    server = serve_api(engine_for(slow_model))
     with requests.post(server.url + "/stream", json={"query": "hi", "temperature": 0}, stream=True) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith(b"data: "))
@@ -134,6 +142,7 @@ def test_interrupt_mid_stream(serve, engine_for, slow_model):
     assert done["finish_reason"] == "interrupted"
     assert done["completion_tokens"] < 100
     assert json.loads(first[6:])[0]
+    wait_until_idle(server.backing)  # behind a front end, the upstream's generation stopped too
 
 
 def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
@@ -152,9 +161,9 @@ def test_interrupt_a_queued_job_by_id(serve, engine_for, slow_model):
     assert r.status_code == 404 and r.json()["success"] is False and "no queued or running job" in r.json()["message"]
 
 
-def test_disconnect_cancels_the_job(serve, engine_for, slow_model, caplog):
+def test_disconnect_cancels_the_job(serve_api, engine_for, slow_model, caplog):
     caplog.set_level("INFO", logger="server.requests")
-    server = serve(engine_for(slow_model))
+    server = serve_api(engine_for(slow_model))
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"query": "hi", "temperature": 0}).encode()
     sock = socket.create_connection((host, int(port)), timeout=10)
@@ -173,6 +182,7 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model, caplog):
     while server.engine.running_id == job_id and time.time() < deadline:
         time.sleep(0.02)
     assert server.engine.running_id is None  # cancelled, not generating 200 tokens for nobody
+    wait_until_idle(server.backing)
     for _ in range(50):  # bounded: the request line is written as the job ends
         if f"job {job_id} /stream" in caplog.text:
             break
@@ -181,8 +191,8 @@ def test_disconnect_cancels_the_job(serve, engine_for, slow_model, caplog):
     assert "finish=interrupted" in line  # a client that left is logged too
 
 
-def test_an_interrupted_plain_generate_says_so_in_a_header(serve, engine_for, slow_model):
-    server = serve(engine_for(slow_model))
+def test_an_interrupted_plain_generate_says_so_in_a_header(serve_api, engine_for, slow_model):
+    server = serve_api(engine_for(slow_model))
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=requests.post(
         server.url + "/generate", json={"query": "hi", "max_length": 200, "stream": False}, timeout=60)))
@@ -252,30 +262,30 @@ def test_four_concurrent_streams_complete_in_order(serve, engine_for, tiny_model
     assert finish_times == sorted(finish_times)
 
 
-def test_tokenize_counts_and_lists_pieces(server, tiny_model):
-    r = requests.post(server.url + "/tokenize", json={"text": "hello world 你好"})
+def test_tokenize_counts_and_lists_pieces(server_api, tiny_model):
+    r = requests.post(server_api.url + "/tokenize", json={"text": "hello world 你好"})
     assert r.status_code == 200 and r.json() == {"len": len(tiny_model.tokenizer.pieces("hello world 你好"))}
-    r = requests.post(server.url + "/tokenize", json={"text": "hello world", "return_tokens": True})
+    r = requests.post(server_api.url + "/tokenize", json={"text": "hello world", "return_tokens": True})
     assert r.json() == {"len": len(r.json()["tokens"]), "tokens": tiny_model.tokenizer.pieces("hello world")}
 
 
-def test_generate_streams_response_events(server, engine):
+def test_generate_streams_response_events(server_api, engine):
     expected = engine.submit(GenerationRequest(query="hi", max_length=50, temperature=0)).wait().text
-    r = requests.post(server.url + "/generate", json={"query": "hi", "answer_prefix": "", "max_length": 50,
+    r = requests.post(server_api.url + "/generate", json={"query": "hi", "answer_prefix": "", "max_length": 50,
                                                        "history": [], "top_p": 0.7, "temperature": 0, "stream": True})
     events = parse_sse(r.content)
     assert all(name is None and list(data) == ["response"] for name, data in events)
     assert events[-1][1]["response"] == expected
 
 
-def test_generate_get_and_plain_text(server, engine):
+def test_generate_get_and_plain_text(server_api, engine):
     expected = engine.submit(GenerationRequest(query="hi", history=[("a", "b")], max_length=50,
                                                temperature=0)).wait().text
-    r = requests.get(server.url + "/generate", params={"query": "hi", "history": '[["a","b"]]', "max_length": "50",
-                                                       "temperature": "0", "stream": "false"})
+    r = requests.get(server_api.url + "/generate", params={"query": "hi", "history": '[["a","b"]]',
+                                                           "max_length": "50", "temperature": "0", "stream": "false"})
     assert r.status_code == 200 and r.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert r.text == expected
-    r = requests.get(server.url + "/generate", params={"query": "hi", "max_length": "50", "temperature": "0",
+    r = requests.get(server_api.url + "/generate", params={"query": "hi", "max_length": "50", "temperature": "0",
                                                        "stream": "1"})
     assert r.headers["Content-Type"].startswith("text/event-stream")
 
@@ -429,10 +439,10 @@ def test_request_log_and_chat_log(server, caplog):
     assert json.loads(chat)["query"] == "记录我"
 
 
-def test_delta_mode_streams_only_what_changed_and_adds_up_to_the_seed_stream(server):
+def test_delta_mode_streams_only_what_changed_and_adds_up_to_the_seed_stream(server_api):
     body = {"query": "你好", "history": [["hi", "hello"]], "max_length": 80, "temperature": 0}
-    seed = parse_sse(requests.post(server.url + "/stream", json=body).content)
-    delta = parse_sse(requests.post(server.url + "/stream", json={**body, "delta": True}).content)
+    seed = parse_sse(requests.post(server_api.url + "/stream", json=body).content)
+    delta = parse_sse(requests.post(server_api.url + "/stream", json={**body, "delta": True}).content)
     *seed_updates, (_, seed_done) = seed
     *delta_updates, (name, delta_done) = delta
     assert name == "done" and delta_done["completion_tokens"] == seed_done["completion_tokens"]

@@ -12,8 +12,9 @@ from server.validation import ApiError
 
 
 @pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(server_api):
+    """The official client on the local server, and on a front end (--backend) over a vLLM-framed upstream."""
+    return openai.OpenAI(base_url=server_api.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def test_list_models(client):
@@ -49,8 +50,8 @@ def test_streamed_deltas_equal_the_non_streaming_result(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
-def test_stream_ends_with_done_on_the_wire(server):
-    r = requests.post(server.url + "/v1/chat/completions", json={
+def test_stream_ends_with_done_on_the_wire(server_api):
+    r = requests.post(server_api.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5, "temperature": 0})
     assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     events = r.content.decode().split("\n\n")
@@ -83,14 +84,14 @@ def test_stop_strings_cut_before_the_stop(client):
     assert streamed == cut.choices[0].message.content
 
 
-def test_max_tokens_gives_length_and_eos_gives_stop(client, serve, engine_for, eos_checkpoint):
+def test_max_tokens_gives_length_and_eos_gives_stop(client, serve_api, engine_for, eos_checkpoint):
     from server.model import load_model
     from tests.conftest import cpu_plan
 
     result = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
                                             max_completion_tokens=3)
     assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 3
-    eos_server = serve(engine_for(load_model(eos_checkpoint, cpu_plan())))
+    eos_server = serve_api(engine_for(load_model(eos_checkpoint, cpu_plan())))
     eos_client = openai.OpenAI(base_url=eos_server.url + "/v1", api_key="x", max_retries=0)
     result = eos_client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
     assert result.choices[0].finish_reason == "stop" and result.choices[0].message.content == ""
@@ -134,8 +135,8 @@ def test_context_overflow_says_the_counts(client):
     assert "256" in err.value.message
 
 
-def test_api_key_and_errors_in_openai_shape(serve, engine):
-    server = serve(engine, api_key="k1")
+def test_api_key_and_errors_in_openai_shape(serve_api, engine):
+    server = serve_api(engine, api_key="k1")
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -145,11 +146,11 @@ def test_api_key_and_errors_in_openai_shape(serve, engine):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_busy_is_429_with_retry_after(serve, engine_for, tiny_model):
+def test_busy_is_429_with_retry_after(serve_api, engine_for, tiny_model):
     from server.engine import EngineBusy
 
-    engine = engine_for(tiny_model, max_queue=0)  # every request finds the queue full
-    server = serve(engine)
+    engine = engine_for(tiny_model, max_queue=0)  # every request finds the queue full (behind a front end: the
+    server = serve_api(engine)  # upstream answers 429, and so does the front end)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])

@@ -32,7 +32,11 @@ def wine_prefix(folder: Path, stub: bool = False) -> dict:
     if not WINE:
         pytest.skip("wine is not installed (./test.sh installs Debian's wine when run as root)")
     env = {**os.environ, "WINEPREFIX": str(folder), "WINEDEBUG": "-all", "CHATGLM2_NO_PAUSE": "1",
-           "CHATGLM2_OPEN_BROWSER": "0"}
+           "CHATGLM2_OPEN_BROWSER": "0",
+           # On a CPU with AMX, oneDNN's Windows build JIT-compiles AMX kernels for bfloat16 matmuls. Windows grants
+           # every process the AMX state; Linux only to one that asks (arch_prctl), which wine does not, so those
+           # instructions fault under wine ("illegal instruction"). Capping oneDNN's ISA below AMX avoids them.
+           "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     if stub:
         if not MINGW:
             pytest.skip("x86_64-w64-mingw32-gcc is missing (Debian's gcc-mingw-w64-x86-64; ./test.sh installs it)")

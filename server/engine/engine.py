@@ -132,7 +132,10 @@ class Engine:
         return fit_prompt(self._ready().tokenizer, request, self.max_context, self.reply_reserve)
 
     def submit(self, request: GenerationRequest) -> Job:
-        job = Job(request=request, prompt=self.fit(request))
+        return self.enqueue(Job(request=request, prompt=self.fit(request)))
+
+    def enqueue(self, job: Job) -> Job:
+        """Queue a job whose prompt is already fitted (raises EngineBusy when the queue is full)."""
         with self._lock:
             if len(self._pending) >= self.max_queue:
                 raise EngineBusy(f"the server is busy: {len(self._pending)} requests are already waiting; "

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..budget import FittedPrompt, GenerationRequest
+from ..tokenizer import clean_reply
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,27 @@ class Job:
             for callback in self._on_finished:
                 callback(event)
         self._events.put(event)
+
+    def show(self, generated: str, completion_tokens: int, shown: str) -> str:
+        """Emit an Update when the reply as ChatGLM2 shows it (prefix + cleaned text) differs from `shown`, the
+        text of the last one; returns the reply as shown now."""
+        text = self.request.answer_prefix + clean_reply(generated)
+        if text != shown:
+            self.emit(Update(text=text, completion_tokens=completion_tokens, generated=generated))
+        return text
+
+    def finish(self, generated: str, shown: str, reason: str, completion_tokens: int, first_token_at: float | None,
+               cached_tokens: int = 0, error: str | None = None) -> None:
+        """The last Update (when the final text differs from what was shown) and the Finished event (reason
+        `error` when `error` is set)."""
+        final = self.show(generated, completion_tokens, shown)
+        now = time.perf_counter()
+        self.emit(Finished(
+            finish_reason="error" if error else reason, text=final, generated=generated,
+            prompt_tokens=len(self.prompt.ids), completion_tokens=completion_tokens,
+            dropped_rounds=self.prompt.dropped_rounds, seconds=now - self.submitted,
+            first_token_seconds=None if first_token_at is None else first_token_at - self.submitted,
+            error=error, cached_tokens=cached_tokens))
 
     def finish_unstarted(self, reason: str) -> None:
         """End a job that never reached the model (interrupted while queued, or the engine closed)."""

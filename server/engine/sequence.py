@@ -11,8 +11,8 @@ import time
 import torch
 
 from ..generate import Sampling, new_generator, sample
-from ..tokenizer import ChatGLM2Tokenizer, clean_reply
-from .jobs import Finished, Job, Update, apply_stop
+from ..tokenizer import ChatGLM2Tokenizer
+from .jobs import Job, apply_stop
 
 
 class Sequence:
@@ -41,13 +41,9 @@ class Sequence:
             self.reason = "stop"
             return False
         self.completion_tokens += 1
-        req = self.job.request
         if self.decoder.add(token):
-            visible, hit = apply_stop(self.decoder.text, req.stop)
-            text = req.answer_prefix + clean_reply(visible)
-            if text != self.shown:
-                self.shown = text
-                self.job.emit(Update(text=text, completion_tokens=self.completion_tokens, generated=visible))
+            visible, hit = apply_stop(self.decoder.text, self.job.request.stop)
+            self.shown = self.job.show(visible, self.completion_tokens, self.shown)
             if hit:
                 self.reason = "stop"
                 return False
@@ -67,17 +63,7 @@ class Sequence:
 
     def finish(self, error: str | None = None) -> None:
         """Flush what the decoder holds back and send the Finished event (reason `error` when `error` is set)."""
-        req = self.job.request
         self.decoder.flush()
-        generated = apply_stop(self.decoder.text, req.stop)[0]
-        final = req.answer_prefix + clean_reply(generated)
-        if final != self.shown:
-            self.job.emit(Update(text=final, completion_tokens=self.completion_tokens, generated=generated))
-        now = time.perf_counter()
-        submitted = self.job.submitted
-        self.job.emit(Finished(
-            finish_reason="error" if error else self.reason, text=final, generated=generated,
-            prompt_tokens=len(self.job.prompt.ids), completion_tokens=self.completion_tokens,
-            dropped_rounds=self.job.prompt.dropped_rounds, seconds=now - submitted,
-            first_token_seconds=None if self.first_token_at is None else self.first_token_at - submitted,
-            error=error, cached_tokens=self.cached_tokens))
+        generated = apply_stop(self.decoder.text, self.job.request.stop)[0]
+        self.job.finish(generated, self.shown, self.reason, self.completion_tokens, self.first_token_at,
+                        self.cached_tokens, error)
