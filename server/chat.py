@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from .budget import ContextOverflow, GenerationRequest
 from .config import Settings
-from .engine import Engine, Update
-from .startup import load_for
+from .engine import Update
+from .startup import make_engine
 
 HELP = "输入问题后回车；clear 清空历史，exit 退出，Ctrl+C 停止当前回答。\n" \
        "Type a question and press Enter; 'clear' forgets the history, 'exit' quits, Ctrl+C stops a reply."
 
 
 def run_chat(settings: Settings, read=input, write=print) -> int:
-    engine = Engine(max_queue=1, reply_reserve=settings.reply_reserve)
-    engine.attach(load_for(settings))
+    engine, loader = make_engine(settings.replace(max_queue=1, max_batch=1))  # a local model, or --backend
+    engine.attach(loader(engine))
     write(HELP)
     history: list[tuple[str, str]] = []
     while True:

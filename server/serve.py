@@ -13,9 +13,7 @@ import waitress
 
 from .app import create_app
 from .config import PROJECT_ROOT, Settings, UserError
-from .engine import Engine
-from .startup import load_for, load_tokenizer_for
-from .upstream import UpstreamEngine
+from .startup import make_engine
 from .streaming import chatlog
 
 log = logging.getLogger(__name__)
@@ -74,15 +72,7 @@ def run_server(settings: Settings) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         chatlog.addHandler(handler)
         chatlog.setLevel(logging.INFO)
-    if settings.backend:  # a front end: generation runs on the upstream engines
-        engine = UpstreamEngine(settings.backend.split(","), max_queue=settings.max_queue,
-                                reply_reserve=settings.reply_reserve, max_batch=settings.max_batch,
-                                max_context=settings.max_context, api_key=settings.backend_key)
-        loader = lambda engine: load_tokenizer_for(settings, report=engine.set_state)  # noqa: E731
-    else:
-        engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
-                        max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
-        loader = lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice)  # noqa: E731
+    engine, loader = make_engine(settings)
     server = make_server(create_app(settings, engine), settings)
     url = f"http://{browser_host(settings.host)}:{server.effective_port}"
 

@@ -13,6 +13,22 @@ from .profiles import plan_for, probe_hardware
 log = logging.getLogger(__name__)
 
 
+def make_engine(settings: Settings):
+    """The engine the settings ask for and the loader that feeds it (engine.attach(loader(engine))): a local model,
+    or with --backend a front end whose upstream engines generate (it loads only the tokenizer)."""
+    from .engine import Engine
+    from .upstream import UpstreamEngine
+
+    if settings.backend:
+        engine = UpstreamEngine(settings.backend.split(","), max_queue=settings.max_queue,
+                                reply_reserve=settings.reply_reserve, max_batch=settings.max_batch,
+                                max_context=settings.max_context, api_key=settings.backend_key)
+        return engine, lambda engine: load_tokenizer_for(settings, report=engine.set_state)
+    engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
+                    max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
+    return engine, lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice)
+
+
 def load_tokenizer_for(settings: Settings, report: Report | None = None):
     """A front end's whole model: tokenizer.model, downloaded alone when missing (-> ChatGLM2Tokenizer)."""
     from .tokenizer import load_tokenizer

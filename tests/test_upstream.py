@@ -290,3 +290,16 @@ def test_a_client_that_leaves_closes_the_upstream_stream(serve, serve_standin, e
         assert front.pool.in_flight == 0
     finally:
         front.close()
+
+
+def test_terminal_chat_on_a_front_end(serve_standin, engine, tiny_checkpoint):
+    upstream = serve_standin(engine)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "chat", "--backend", upstream.url, "--model-dir", str(tiny_checkpoint),
+         "--offline", "--max-context", "128"],
+        input="你好\nexit\n", capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("答 / ChatGLM2: ") == 1 and "[length]" in proc.stdout
+    assert len(upstream.standin.requests) == 1 and upstream.standin.requests[0]["prompt"][:2] == \
+        engine.loaded.tokenizer.prompt_prefix()
+    assert upstream.standin.requests[0]["max_tokens"] == 128 - len(upstream.standin.requests[0]["prompt"])

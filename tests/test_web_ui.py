@@ -676,3 +676,39 @@ def test_the_first_question_alone_too_long_is_warned_and_drop_marks_go_with_reve
     assert u.page.eval_on_selector_all(".msg.user.dropped", "els => els.length") > 0
     u.page.click("#revert")
     assert u.page.eval_on_selector_all(".msg.user.dropped", "els => els.length") == 0
+
+
+def test_the_page_on_a_front_end_says_when_its_backend_is_away_and_goes_on_after(
+        browser, serve, serve_standin, front_for, engine_for, slow_model, monkeypatch):
+    """A front end (--backend) over a stand-in engine: chat works, the engine goes away (the page says so in
+    Chinese and keeps the question), the engine comes back on its port (the page goes on by itself)."""
+    from server.budget import GenerationRequest
+    from server.upstream import pool
+    from tests.wine_helpers import free_port
+
+    monkeypatch.setattr(pool, "BACKOFF_SECONDS", 0.2)
+    monkeypatch.setattr(pool, "PROBE_EVERY_SECONDS", 0.1)
+    engine = engine_for(slow_model)
+    port = free_port()
+    upstream = serve_standin(engine)
+    upstream.close()
+    upstream = serve(engine, app=upstream.standin.app(), port=port)
+    front = front_for(engine, standin=upstream)
+    u = UI(browser, serve(front))
+    try:
+        u.greedy()
+        u.send("你好")
+        expected = engine.submit(GenerationRequest(query="你好", max_length=CONTEXT, temperature=0)).wait()
+        assert u.bot_texts()[-1].strip() == expected.text
+        upstream.close()  # the engine behind the front end goes away
+        u.send("还在吗")
+        u.page.wait_for_function("document.querySelector('#banner-text').textContent.includes('后端推理服务无响应')")
+        assert u.page.input_value("#input") == "还在吗" and len(u.bot_texts()) == 1  # nothing lost
+        u.shot("backend-away")
+        serve(engine, app=upstream.app, port=port)  # back on the same port
+        u.page.wait_for_function("document.querySelector('#banner').hidden", timeout=20000)
+        u.page.press("#input", "Enter")
+        u.idle()
+        assert len(u.bot_texts()) == 2 and u.bot_texts()[-1].strip()
+    finally:
+        u.context.close()

@@ -103,7 +103,7 @@ class Pool:
         return min(known) if known else None
 
     def errors(self) -> str:
-        return "; ".join(f"{u.url}: {u.error or u.state}" for u in self.upstreams)
+        return "; ".join(u.error or f"{u.url}: {u.state}" for u in self.upstreams)  # an error names its URL
 
     # -- probing ---------------------------------------------------------------------------------------------
     def probe(self, upstream: Upstream) -> bool:

@@ -15,7 +15,8 @@ const I18N = {
     importBad: "无法导入：文件不是有效的对话导出", storeBroken: "本地保存的数据已损坏，已备份并重新开始。",
     offline: "无法连接服务器：服务没有运行。请双击 开启API服务.bat（或运行 python -m server）启动它。",
     loading: "模型加载中，请稍候…",
-    downloading: "正在下载模型：{p}", loadError: "模型加载失败：{m}", busy: "服务器忙：排队的请求已满，请稍后再试。",
+    downloading: "正在下载模型：{p}", loadError: "模型加载失败：{m}",
+    unavailable: "后端推理服务无响应（--backend）：{m}。恢复后会自动继续。", busy: "服务器忙：排队的请求已满，请稍后再试。",
     overflow: "问题太长：需要 {n} 个 token，最多 {l} 个（上下文 {c}）。请缩短问题或引导词。",
     genError: "生成出错：{m}", keyNeeded: "需要 API 密钥：请在 ⚙ 高级设置中填写。", badRequest: "请求有误：{m}",
     tokens: "上下文 {n} / {c} tokens", willDrop: "，最早的几轮对话将被省略", tooLong: "，问题太长，发送会被拒绝",
@@ -43,6 +44,7 @@ const I18N = {
     offline: "Cannot reach the server: it is not running. Double-click 开启API服务.bat (or run python -m server).",
     loading: "The model is loading, please wait…",
     downloading: "Downloading the model: {p}", loadError: "The model failed to load: {m}",
+    unavailable: "No backend engine answers (--backend): {m}. Chat resumes by itself once one does.",
     busy: "The server is busy: its queue is full. Try again in a moment.",
     overflow: "The question is too long: {n} tokens, at most {l} fit (context {c}). Shorten it or the prefix.",
     genError: "Generation failed: {m}", keyNeeded: "An API key is needed: enter it under ⚙ Advanced.",
@@ -197,7 +199,9 @@ async function errorText(res) {
   if (res.status === 413 && body.prompt_tokens) {
     return t("overflow", {n: body.prompt_tokens, l: body.limit, c: body.max_context});
   }
-  if (res.status === 503) return healthText(body) || m;
+  if (res.status === 503) {  // not ready: /health says why, in the page's language (and polling clears it)
+    try { server = await fetchHealth(); return healthText(server) || m; } catch (err) { return m; }
+  }
   return t("badRequest", {m});
 }
 function healthText(h) {
@@ -209,6 +213,7 @@ function healthText(h) {
     return t("loading") + (typeof h.progress === "number" && h.progress > 0 ? ` ${(h.progress * 100).toFixed(0)}%` : "");
   }
   if (h.status === "error") return t("loadError", {m: h.error || ""});
+  if (h.status === "unavailable") return t("unavailable", {m: h.error || ""});
   return "";
 }
 async function fetchHealth() {
@@ -281,7 +286,7 @@ async function generate(conv, index) {
   try {
     response = await postJSON("/stream", body, busy.controller.signal);
     if (!response.ok) {
-      showBanner(await errorText(response), "error");
+      showBanner(await errorText(response), "error", response.status === 503 ? "health" : "action");
       pair.a = previous; // a regenerated answer stays as it was
       return "refused";
     }
