@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp's source tree")
     parser.add_argument("--model", type=Path, required=True, help="the ChatGLM2 checkpoint (hub layout)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--types", default="Q4_0,Q8_0")
+    parser.add_argument("--types", default="Q4_0,Q8_0", help="quantized files to make from the 16/32-bit one "
+                                                                 "('' for none: then llama_cpp is not needed)")
+    parser.add_argument("--outtype", default="f16", choices=("f16", "f32"))
     args = parser.parse_args()
     sys.path[:0] = [str(args.llama_cpp), str(args.llama_cpp / "gguf-py")]
     import convert_hf_to_gguf
@@ -66,13 +68,16 @@ def main() -> None:
 
     chatglm.ChatGLMModel.set_vocab = sentencepiece_vocab
     args.out.mkdir(parents=True, exist_ok=True)
-    f16 = args.out / "chatglm2-f16.gguf"
+    f16 = args.out / f"chatglm2-{args.outtype}.gguf"
     if not f16.exists():
-        sys.argv = ["convert_hf_to_gguf.py", str(args.model), "--outtype", "f16", "--outfile", str(f16)]
+        sys.argv = ["convert_hf_to_gguf.py", str(args.model), "--outtype", args.outtype, "--outfile", str(f16)]
         convert_hf_to_gguf.main()
-    import llama_cpp
+    print(f16)
+    types = [name for name in args.types.split(",") if name]
+    if types:
+        import llama_cpp
 
-    for name in args.types.split(","):
+    for name in types:
         target = args.out / f"chatglm2-{name}.gguf"
         if target.exists():
             continue

@@ -4,6 +4,7 @@ end too (the `serve_api` fixture); this file covers what only a front end has.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import requests
 
 from server.budget import GenerationRequest
 from server.upstream import UpstreamEngine, pool
-from server.upstream.engine import completion_body
+from server.upstream.engine import banned_ids, completion_body
 from tests.test_http import parse_sse, wait_until_idle
 from tests.wine_helpers import free_port, wait_for_health
 
@@ -191,14 +192,19 @@ def test_completion_body_maps_the_fitted_prompt_and_sampling(engine):
 
     job = Job(request=GenerationRequest(query="q", temperature=0, top_p=0.3, seed=2**64 - 1, stop=["\n\n"]),
               prompt=engine.fit(GenerationRequest(query="q", max_new_tokens=7)))
-    body = completion_body(Upstream("http://x/v1", model="m"), job)
+    tok = engine.loaded.tokenizer
+    specials = banned_ids(tok, None)  # vLLM does not say its vocabulary's size: the five special tokens
+    assert list(specials) == list(tok.special_ids.values()) and tok.eos_id not in specials
+    body = completion_body(Upstream("http://x/v1", model="m"), job, specials)
     assert body == {"model": "m", "prompt": job.prompt.ids, "max_tokens": 7, "temperature": 0.0, "top_p": 1.0,
-                    "stream": True, "stream_options": {"include_usage": True}, "seed": 2**63 - 1,
-                    "stop": ["\n\n"]}
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "logit_bias": {str(i): -100 for i in specials}, "seed": 2**63 - 1, "stop": ["\n\n"]}
+    padded = banned_ids(tok, 448)  # llama-server says n_vocab: its padding rows are banned too, as locally
+    assert padded == range(tok.first_special_id, 448)
     sampled = Job(request=GenerationRequest(query="q", temperature=0.8, top_p=0.7), prompt=job.prompt)
-    assert completion_body(Upstream("http://x/v1"), sampled, text="[gMASK]sop...") == {
+    assert completion_body(Upstream("http://x/v1"), sampled, padded, text="[gMASK]sop...") == {
         "model": "chatglm2-6b", "prompt": "[gMASK]sop...", "max_tokens": 7, "temperature": 0.8, "top_p": 0.7,
-        "stream": True, "stream_options": {"include_usage": True}}
+        "stream": True, "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in padded}}
 
 
 def test_too_many_in_flight_is_busy(serve, serve_standin, engine_for, slow_model):
@@ -303,3 +309,52 @@ def test_terminal_chat_on_a_front_end(serve_standin, engine, tiny_checkpoint):
     assert len(upstream.standin.requests) == 1 and upstream.standin.requests[0]["prompt"][:2] == \
         engine.loaded.tokenizer.prompt_prefix()
     assert upstream.standin.requests[0]["max_tokens"] == 128 - len(upstream.standin.requests[0]["prompt"])
+
+
+LLAMA_SERVER = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+LLAMA_CPP = os.environ.get("LLAMA_CPP_DIR")  # llama.cpp's source tree: its convert_hf_to_gguf.py makes the GGUF
+
+
+@pytest.mark.skipif(not (LLAMA_SERVER and LLAMA_CPP), reason="optional: set LLAMA_SERVER (a built llama-server) "
+                    "and LLAMA_CPP_DIR (its source tree) to run the front end against real llama.cpp")
+def test_a_real_llama_server_upstream_answers_like_the_local_model(tmp_path, serve, engine, tiny_checkpoint):
+    """The tiny checkpoint as a float32 GGUF in llama.cpp's own server: through the front end, greedy replies
+    equal the local float32 model's, token for token (llama.cpp's chatglm graph computes the same logits)."""
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gguf_chatglm2.py"), "--llama-cpp", LLAMA_CPP, "--model",
+                    str(tiny_checkpoint), "--out", str(tmp_path), "--types", "", "--outtype", "f32"], check=True,
+                   capture_output=True, timeout=300)
+    port = free_port()
+    proc = subprocess.Popen([LLAMA_SERVER, "-m", str(tmp_path / "chatglm2-f32.gguf"), "--host", "127.0.0.1",
+                             "--port", str(port), "-c", str(2 * engine.max_context), "-np", "2", "-t", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    front = None
+    try:
+        def answers():
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok
+            except requests.ConnectionError:
+                return proc.poll() is not None  # stop waiting for a server that exited
+
+        wait_for(answers, timeout=60)
+        assert proc.poll() is None, "llama-server exited"
+        front = front_over([f"http://127.0.0.1:{port}/v1"], engine)
+        assert front.pool.upstreams[0].max_model_len == engine.max_context  # per slot: 512 / 2
+        server = serve(front)
+        for query, history in [("你好", []), ("hello world", [("hi", "hello")])]:
+            expected = engine.submit(GenerationRequest(query=query, history=history, max_length=80,
+                                                       temperature=0)).wait()
+            body = {"query": query, "history": [list(p) for p in history], "max_length": 80, "temperature": 0}
+            *updates, (_, done) = parse_sse(requests.post(server.url + "/stream", json=body).content)
+            assert updates[-1][1][0] == expected.text
+            assert done["completion_tokens"] == expected.completion_tokens
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        result = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}],
+                                                temperature=0, max_tokens=20)
+        expected = engine.submit(GenerationRequest(query="你好", max_new_tokens=20, temperature=0)).wait()
+        assert result.choices[0].message.content == expected.text and result.usage.completion_tokens == 20
+        assert front.pool.upstreams[0].accepts_ids is True
+    finally:
+        if front:
+            front.close()
+        proc.kill()
+        proc.wait(10)

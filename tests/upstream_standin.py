@@ -71,6 +71,9 @@ class StandIn:
             prompt = body["prompt"]
             if isinstance(prompt, list) and not self.token_ids:
                 return error(400, "prompt must be a string")
+            vocab = self.engine.loaded.model.config.vocab_size
+            if any(int(i) >= vocab for i in body.get("logit_bias") or {}):  # as vLLM refuses them
+                return error(400, "token_id(s) in logit_bias contain out-of-vocab token ids")
             ids = self.prompt_ids(prompt)
             if len(ids) + body["max_tokens"] > self.engine.max_context:
                 return error(400, f"This model's maximum context length is {self.engine.max_context} tokens.")

@@ -212,9 +212,11 @@ class UpstreamEngine:
     def _open_on(self, upstream: Upstream, job: Job) -> client.Stream:
         """Token ids as the prompt; the prompt's text where the upstream refuses ids (learned once)."""
         key = self.pool.api_key
+        banned = banned_ids(self.loaded.tokenizer, upstream.n_vocab)
         if upstream.accepts_ids is not False:
             try:
-                stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job), key)
+                stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job, banned),
+                                            key)
             except client.UpstreamError as exc:
                 if upstream.accepts_ids or exc.status not in (400, 422):
                     raise
@@ -226,7 +228,8 @@ class UpstreamEngine:
         text = self.loaded.tokenizer.prompt_text(req.query, req.history[job.prompt.dropped_rounds:],
                                                  req.answer_prefix)
         try:
-            stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job, text), key)
+            stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job, banned, text),
+                                        key)
         except client.UpstreamError:
             upstream.accepts_ids = None  # text failed too: the refusal was not about ids
             raise
@@ -305,14 +308,23 @@ class Reply:
                         cached if isinstance(cached, int) else 0, error)
 
 
-def completion_body(upstream: Upstream, job: Job, text: str | None = None) -> dict:
+def banned_ids(tokenizer: ChatGLM2Tokenizer, n_vocab: int | None) -> range:
+    """Ids a reply must never contain, as the local engine's vocabulary mask has it: the special tokens (eos is
+    below them) and the padding rows after them, as far as the upstream's vocabulary is known (vLLM refuses a
+    logit_bias id beyond it, and does not say its size: then the five special tokens)."""
+    first = tokenizer.first_special_id
+    return range(first, max(n_vocab or 0, first + len(tokenizer.special_ids)))
+
+
+def completion_body(upstream: Upstream, job: Job, banned: range, text: str | None = None) -> dict:
     """The streamed /completions request for a job: the fitted prompt (ids, or `text`), its reply budget and
-    sampling fields every OpenAI-compatible engine takes."""
+    sampling fields every OpenAI-compatible engine takes, and a logit_bias that bans the `banned` ids."""
     req = job.request
     greedy = req.temperature < MIN_TEMPERATURE
     body = {"model": upstream.model or "chatglm2-6b", "prompt": job.prompt.ids if text is None else text,
             "max_tokens": job.prompt.max_new_tokens, "temperature": 0.0 if greedy else req.temperature,
-            "top_p": 1.0 if greedy else req.top_p, "stream": True, "stream_options": {"include_usage": True}}
+            "top_p": 1.0 if greedy else req.top_p, "stream": True, "stream_options": {"include_usage": True},
+            "logit_bias": {str(i): -100 for i in banned}}
     if req.seed is not None:
         body["seed"] = req.seed % 2**63  # the engines take a signed 64-bit seed
     if req.stop:

@@ -28,6 +28,7 @@ class Upstream:
     in_flight: int = 0
     model: str | None = None  # what its /models lists first: the name its completions need
     max_model_len: int | None = None  # its context, where /models says (vLLM, SGLang, llama.cpp do)
+    n_vocab: int | None = None  # its vocabulary with padding, where /models says (llama.cpp does)
     accepts_ids: bool | None = None  # whether it takes token ids as the prompt (None: not tried yet)
     error: str | None = None
     failures: int = 0
@@ -117,6 +118,9 @@ class Pool:
         if models:
             upstream.model = str(models[0].get("id") or upstream.model)
             upstream.max_model_len = context_length(models[0]) or upstream.max_model_len
+            meta = models[0].get("meta")
+            n_vocab = meta.get("n_vocab") if isinstance(meta, dict) else None
+            upstream.n_vocab = n_vocab if isinstance(n_vocab, int) and n_vocab > 0 else upstream.n_vocab
         upstream.answered()
         return True
 
@@ -144,9 +148,10 @@ class Pool:
 
 
 def context_length(model: dict) -> int | None:
-    """The context length a /models entry reports (vLLM's and SGLang's max_model_len). llama.cpp lists only the
-    model's training length (meta.n_ctx_train), not the smaller context its server runs with: not used."""
-    for value in (model.get("max_model_len"), model.get("context_length")):
+    """The context length a /models entry reports: vLLM's and SGLang's max_model_len, llama-server's meta.n_ctx
+    (the context of one of its slots; its meta.n_ctx_train, the model's training length, is not what it serves)."""
+    meta = model.get("meta") if isinstance(model.get("meta"), dict) else {}
+    for value in (model.get("max_model_len"), meta.get("n_ctx")):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
