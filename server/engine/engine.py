@@ -68,25 +68,7 @@ class Engine:
     def load_in_background(self, loader: Callable[["Engine"], LoadedModel],
                            on_ready: Callable[[LoadedModel], None] | None = None) -> threading.Thread:
         """Run `loader(engine)` on a thread (it may report progress through set_state) and start serving."""
-        def run():
-            try:
-                self.attach(loader(self))
-            except Exception as exc:  # reported through /health; the server keeps answering
-                if isinstance(exc, UserError):
-                    log.error("%s", exc)
-                else:
-                    log.exception("loading the model failed")
-                log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model "
-                          "did not load; the server keeps running only to show why (at /health and on the chat "
-                          "page). Fix it and start again.")
-                self.set_state("error", error=str(exc))
-                return
-            if on_ready:
-                on_ready(self.loaded)
-
-        thread = threading.Thread(target=run, name="model-loader", daemon=True)
-        thread.start()
-        return thread
+        return load_in_background(self, loader, on_ready)
 
     def attach(self, loaded: LoadedModel) -> None:
         """Take a loaded model, size the batch and the prefix cache, and start the worker."""
@@ -274,6 +256,30 @@ class Engine:
     def _forget(self, job: Job) -> None:
         with self._lock:
             self._running.pop(job.id, None)
+
+
+def load_in_background(engine, loader: Callable, on_ready: Callable | None = None) -> threading.Thread:
+    """`engine.attach(loader(engine))` on a thread, then `on_ready(engine.loaded)`. A failure is reported through
+    /health (state error) and the console; the server keeps answering to show it."""
+    def run():
+        try:
+            engine.attach(loader(engine))
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                log.error("%s", exc)
+            else:
+                log.exception("loading the model failed")
+            log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model did not "
+                      "load; the server keeps running only to show why (at /health and on the chat page). Fix it "
+                      "and start again.")
+            engine.set_state("error", error=str(exc))
+            return
+        if on_ready:
+            on_ready(engine.loaded)
+
+    thread = threading.Thread(target=run, name="model-loader", daemon=True)
+    thread.start()
+    return thread
 
 
 def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> int:

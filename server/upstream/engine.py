@@ -18,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
-from ..config import UserError
-from ..engine.engine import EngineBusy, NotReady
+from ..engine.engine import EngineBusy, NotReady, load_in_background
 from ..engine.jobs import Job, apply_stop
 from ..tokenizer import ChatGLM2Tokenizer
 from . import client
@@ -82,19 +81,7 @@ class UpstreamEngine:
     def load_in_background(self, loader: Callable[["UpstreamEngine"], ChatGLM2Tokenizer],
                            on_ready: Callable[[FrontEnd], None] | None = None) -> threading.Thread:
         """Run `loader(engine)` (the tokenizer, downloaded if missing) on a thread, then ask the upstreams."""
-        def run():
-            try:
-                self.attach(loader(self))
-            except Exception as exc:  # reported through /health; the server keeps answering
-                (log.error if isinstance(exc, UserError) else log.exception)("%s", exc)
-                self.set_state("error", error=str(exc))
-                return
-            if on_ready:
-                on_ready(self.loaded)
-
-        thread = threading.Thread(target=run, name="front-end-loader", daemon=True)
-        thread.start()
-        return thread
+        return load_in_background(self, loader, on_ready)
 
     def attach(self, tokenizer: ChatGLM2Tokenizer) -> None:
         self.pool.probe_all()
