@@ -46,6 +46,9 @@ class UI:
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.streams = []  # the JSON bodies the page sent to /stream
         self.page.on("request", lambda r: self.streams.append(r.post_data_json) if r.url.endswith("/stream") else None)
+        # Playwright turns on file-chooser interception when the first listener appears; doing it only inside
+        # expect_file_chooser races the key press that opens the chooser (Chromium then drops the dialog)
+        self.page.on("filechooser", lambda chooser: None)
         self.page.goto(server.url + "/ui/")
         self.page.wait_for_selector("#conv-list li")
 
