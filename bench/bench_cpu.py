@@ -85,10 +85,15 @@ def matmul_gflops() -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read)."""
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read),
+    oneDNN's copies of int8 layers included (one byte per weight)."""
+    from server.cpu_quant import Int8Linear
+
     total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if "embed_tokens" not in n and "rotary" not in n)
-    return int(total)
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, Int8Linear) and m.packed is not None)
+    return int(total + packed)
 
 
 def matmul_params(config) -> int:
@@ -189,6 +194,18 @@ def llama_worker(gguf: str, tokens: int, prompt_tokens: int) -> dict:
     return result
 
 
+def llama_bench_worker(binary: str, gguf: str, tokens: int, prompt_tokens: int) -> dict:
+    """The decode and prefill figures from llama.cpp's own llama-bench (2 threads), where llama-cpp-python is
+    not installed: `-n` tokens generated after an empty context, `-p` prompt tokens, each the mean of its runs."""
+    out = subprocess.run([binary, "-m", gguf, "-t", "2", "-p", str(prompt_tokens), "-n", str(tokens), "-r", "2",
+                          "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    decode = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"config": f"llama.cpp {Path(gguf).stem}", "ready_s": float("nan"), "decode_tps": decode["avg_ts"],
+            "prefill_tps": prefill["avg_ts"], "steady_mem": {"rss_gb": float("nan")}}
+
+
 # -- the report --------------------------------------------------------------------------------------------------
 def run_worker(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
@@ -206,6 +223,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="reply tokens for decode speed")
     parser.add_argument("--prompt-tokens", type=int, default=1000, help="prompt tokens for prefill speed")
     parser.add_argument("--gguf", action="append", default=[], help="NAME=path of a GGUF for llama.cpp (repeatable)")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, used for --gguf when "
+                                              "llama-cpp-python is not installed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reference = args.dir / "bench-bf16-logits.pt"
@@ -246,8 +265,11 @@ def main() -> None:
         print_result(r)
     for spec in args.gguf:
         name, path = spec.split("=", 1)
-        r = run_worker(["--dir", str(args.dir), "--worker", f"llama={path}", "--tokens", str(args.tokens),
-                        "--prompt-tokens", str(args.prompt_tokens)])
+        if args.llama_bench:
+            r = llama_bench_worker(args.llama_bench, path, args.tokens, args.prompt_tokens)
+        else:
+            r = run_worker(["--dir", str(args.dir), "--worker", f"llama={path}", "--tokens", str(args.tokens),
+                            "--prompt-tokens", str(args.prompt_tokens)])
         r["config"] = f"llama.cpp {name}"
         results.append(r)
         print(f"{r['config']}: ready {r['ready_s']:.1f} s, decode {r['decode_tps']:.2f} tok/s, prefill "

@@ -60,9 +60,9 @@ class Settings:
     )
     cpu_backend: str = option(
         "auto",
-        "what runs 4/8-bit weights on the CPU, both quantized once and cached: torch = torch's own int4/int8 "
-        "kernels (ready in seconds, least memory); bnb = bitsandbytes (4-bit decodes faster); auto = bnb at "
-        "4-bit, torch at 8-bit (see README, Performance)",
+        "what runs 4/8-bit weights on the CPU, both quantized once and cached: torch = torch's own kernels "
+        "(8-bit on oneDNN's int8 GEMM; fastest, ready in seconds); bnb = bitsandbytes (NF4 / LLM.int8); auto = "
+        "torch, or bnb with --dtype float32 (see README, Performance)",
         choices=("auto", "torch", "bnb"),
     )
     backend: str | None = option(

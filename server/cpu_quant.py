@@ -1,16 +1,22 @@
 """Quantized weights for the CPU, computed once and cached by convert.py, so a later start loads them as they are.
 
 - int8 and int4 linear layers on the quantized matmul kernels that ship with torch (no extra package, no
-  compiler): `aten._weight_int8pack_mm`, symmetric per output row (w = q * scale), the CPU's default at 8-bit;
-  `aten._weight_int4pack_mm_for_cpu`, asymmetric groups of GROUP weights along K with a bfloat16 scale and zero
-  each (w = (q - 8) * scale + zero, ~4.5 bits per weight), `--cpu-backend torch` at 4-bit.
+  compiler). int8: symmetric per output row (w = q * scale), the CPU's default at 8-bit, multiplied by oneDNN's
+  int8 GEMM (`onednn.qlinear_pointwise`, VNNI or AMX where the CPU has them; oneDNN generates its code at run
+  time, so torch's Windows build gets the same speed). That GEMM takes int8 activations too: each row of
+  activations is quantized twice, the second time its rounding error (see int8_activations), which keeps
+  outlier channels exact to ~1e-4 where one int8 scale per row loses ~10 %. Where this torch lacks oneDNN, the
+  int8 layer uses `aten._weight_int8pack_mm` (bfloat16 activations). int4: `aten._weight_int4pack_mm_for_cpu`,
+  asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
+  ~4.5 bits per weight), `--cpu-backend torch` at 4-bit.
 - bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), the CPU's default at 4-bit: its CPU
   kernel decodes faster than torch's int4 one (bench/bench_cpu.py); from the cache, from_pretrained needs
   no quantizing at every start.
 
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
-weights. A prompt of many tokens is compute-bound instead: there the int8/int4 weights are expanded to bfloat16
-one matrix at a time and multiplied with the oneDNN bfloat16 GEMM, which is faster at that size.
+weights. A prompt of many tokens is compute-bound instead: there the int4 (and, without oneDNN, the int8) weights
+are expanded to bfloat16 one matrix at a time and multiplied with the oneDNN bfloat16 GEMM, which is faster at
+that size; oneDNN's int8 GEMM is faster than that at every size (bench/bench_cpu.py).
 """
 
 from __future__ import annotations
@@ -131,6 +137,69 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(self.weight_int4, self.scales_zeros)
 
 
+ONEDNN_ROWS = 128  # prompt rows per oneDNN call: fastest on the 6B shapes (its activations stay in cache)
+
+
+@functools.cache
+def onednn_int8() -> bool:
+    """Whether this torch has oneDNN's int8 GEMM (builds without oneDNN, e.g. for some Arm CPUs, do not)."""
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(torch.ones(64, 64, dtype=torch.int8), [1, 64])
+        torch.ops.onednn.qlinear_pointwise(torch.full((2, 64), 129, dtype=torch.uint8), 1.0, 128, packed,
+                                           torch.ones(64), torch.zeros(64, dtype=torch.int64), None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@functools.cache
+def onednn_int8_fast() -> bool:
+    """Whether oneDNN's int8 GEMM multiplies one token faster than the bfloat16 matmul here. It does with AVX512 or
+    VNNI (2-3x; measured under wine on torch's Windows build too); on AVX2 CPUs without VNNI (older Intel, AMD
+    before Zen 4) oneDNN has no fast int8 matrix-vector code and is ~3x slower than bfloat16 (measured with its
+    ISA capped at AVX2). torch does not say which ISA oneDNN uses, so both are timed once (~0.1 s)."""
+    import time
+
+    if not onednn_int8():
+        return False
+    n, k = 8192, 4096  # 32 MB of int8 weights: read from memory, as in decoding
+    layer = Int8Linear(k, n, bias=False)
+    layer.load_state_dict({"weight_int8": torch.ones(n, k, dtype=torch.int8), "scales": torch.ones(n)}, assign=True)
+    layer.pack()
+    dense = torch.zeros(n, k, dtype=torch.bfloat16)
+    x = torch.ones(1, k, dtype=torch.bfloat16)
+
+    def best(f) -> float:
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])  # the first call sets up
+
+    with torch.inference_mode():
+        return best(lambda: layer.kernel(x)) < best(lambda: F.linear(x, dense))
+
+
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (uint8 [2M, K] with zero point 128, scales s1 [M, 1], s2 [M, 1]).
+
+    Rows 0..M-1 are x rounded to 127 steps of s1 = max|x_row| / 127; rows M..2M-1 are what that rounding lost
+    (at most s1 / 2), rounded to steps of s2 = s1 / 254. x = s1 q1 + s2 q2 to within s1 / 508: about 16 bits
+    per value, so an outlier channel (ChatGLM2 has some) costs the rest of the row no precision. Multiplying 2M
+    rows costs the GEMM little more than M: it reads the weights once either way.
+    """
+    m = x.shape[0]
+    x = x.float()
+    s1 = x.abs().amax(-1, keepdim=True).clamp_(min=1e-30).div_(127)
+    both = torch.empty(2 * m, x.shape[1])
+    q1 = torch.div(x, s1, out=both[:m]).round_()
+    s2 = s1 / 254
+    torch.div(x.addcmul_(q1, s1, value=-1), s2, out=both[m:]).round_().clamp_(-127, 127)
+    return both.add_(128).to(torch.uint8), s1, s2
+
+
 class Int8Linear(QuantizedLinear):
     """W in 8 bits per output row (see module doc)."""
 
@@ -140,9 +209,32 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, device)
         self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of W (see pack)
+
+    def pack(self) -> bool:
+        """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
+        cached) and release the int8 buffer, whose copy it is. False where this torch has no oneDNN."""
+        if not onednn_int8():
+            return False
+        self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, [1, self.in_features])
+        self.weight_scales = self.scales.float()
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        self.weight_int8 = None  # the mapped (or loaded) int8 copy is no longer needed
+        self.dense_from_tokens = sys.maxsize  # oneDNN's int8 GEMM beats expanding W at every size
+        return True
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        if self.packed is None:
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        return torch.cat([self.onednn(rows) for rows in x.split(ONEDNN_ROWS)])
+
+    def onednn(self, x: torch.Tensor) -> torch.Tensor:
+        q, s1, s2 = int8_activations(x)
+        # y = x_scale * w_scale[n] * sum((q - 128) * w): x_scale 1, the rows' scales are applied after
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scales, self.zero_points,
+                                               None, 1.0, 0, torch.float32, "none", [], "")
+        m = x.shape[0]
+        return y[:m].mul_(s1).add_(y[m:].mul_(s2)).to(torch.bfloat16)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_int8.to(torch.bfloat16).mul_(self.scales[:, None])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .convert import ensure_converted
-from .cpu_quant import DENSE_FROM_TOKENS, swap_linears
+from .cpu_quant import DENSE_FROM_TOKENS, Int8Linear, swap_linears
 from .profiles import Plan
 from .tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
@@ -114,7 +114,9 @@ def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):
 
 
 def load_cpu_quantized(converted: Path, plan: Plan):
-    """The pre-quantized CPU cache, memory-mapped: nothing is copied or quantized here."""
+    """The pre-quantized CPU cache, memory-mapped shard by shard. int8 layers are handed to oneDNN (a copy in
+    its layout) as their shard loads; a shard whose tensors all end up copied is closed again (unmapped), so
+    what the process holds is the model once, not the model plus the mapped file."""
     from safetensors import safe_open
     from transformers import GlmConfig, GlmForCausalLM
 
@@ -125,21 +127,36 @@ def load_cpu_quantized(converted: Path, plan: Plan):
     config.dtype = torch.bfloat16
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    state, files = {}, []
-    for shard in sorted(converted.glob("model-*.safetensors")):
-        files.append(safe_open(str(shard), framework="pt"))  # kept open: the tensors live in the mapped file
-        state.update({name: aligned(files[-1].get_tensor(name)) for name in files[-1].keys()})
-    swap_linears(model, set(state))
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"the converted checkpoint does not match the model ({exc}); "
-                             f"delete {converted} so it is converted again") from exc
+    shards = sorted(converted.glob("model-*.safetensors"))
+    names = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            names |= set(f.keys())
+    swap_linears(model, names)
+    # int4 weights are used where they lie in the mapped file; without them every tensor is packed or copied
+    keep_mapped = any(name.endswith(".weight_int4") for name in names)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    files, unexpected = [], []
+    for shard in shards:
+        f = safe_open(str(shard), framework="pt")
+        state = {name: aligned(f.get_tensor(name)) for name in f.keys()}
+        if not keep_mapped:
+            state = {name: t if name.endswith(".weight_int8") else t.clone() for name, t in state.items()}
+        unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        del state
+        for layer in layers.values():
+            if layer.packed is None and not (layer.weight_int8.is_meta or layer.scales.is_meta):
+                layer.pack()  # (a no-op without oneDNN: the layer then reads the mapped int8 weights)
+        unpacked = any(layer.weight_int8 is not None and not layer.weight_int8.is_meta for layer in layers.values())
+        if keep_mapped or unpacked:
+            files.append(f)  # tensors still live in the mapped file
     # buffers that are computed, not stored (the rotary frequencies), are still on the meta device: rebuild them
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if on_meta:
-        raise ModelLoadError(f"not loaded: {', '.join(on_meta[:5])}")
+    if unexpected or on_meta:
+        raise ModelLoadError(f"the converted checkpoint does not match the model (not in the model: "
+                             f"{', '.join(unexpected[:5]) or '-'}; not loaded: {', '.join(on_meta[:5]) or '-'}); "
+                             f"delete {converted} so it is converted again")
     model.mapped_files = files  # closing them would unmap the weights under the model
     return model
 

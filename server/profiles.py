@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 GIB = 1024**3
 WINDOWS_DENSE_MIN_RAM_GIB = 24  # the bfloat16 model holds 12.5 GB; leave room for Windows and a browser
+INT8_MIN_RAM_GIB = 14  # the 8-bit model holds 7 GB: a "16 GB" PC (15.7 GiB) with a browser open
+WINDOWS_INT8_MIN_RAM_GIB = 10  # on Windows 8-bit beats 4-bit on every CPU; with less RAM 4-bit must do
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Hardware:
     bf16: bool = False  # whether the CUDA device supports bfloat16
     name: str = "cpu"
     ram_bytes: int = 0  # the machine's RAM (0: unknown)
+    fast_int8: bool = False  # oneDNN's int8 GEMM beats bfloat16 on this CPU (cpu_quant.onednn_int8_fast)
 
 
 @dataclass(frozen=True)
@@ -64,16 +67,15 @@ class Plan:
 def default_backend(device: str, bits: int, dtype: str = "bfloat16") -> str:
     """Which code runs quantized weights, chosen by measurement on the full-size model (README, Performance).
 
-    CUDA: bitsandbytes. CPU at 4-bit: bitsandbytes' NF4 kernel, which decodes fastest of what runs in Python
-    here (6.1 tok/s against 4.3 for torch's int4 kernel), from a pre-quantized cache (ready in 30 s instead of
-    3 minutes). CPU at 8-bit: torch's int8 weight-only kernel (3.4 tok/s; bitsandbytes' LLM.int8 is slower on
-    a CPU), also cached. torch's kernels compute in bfloat16: another compute dtype asked for (float32 for
-    exactness) keeps bitsandbytes. The same order held on Windows, where all of these are slow (see
-    _auto_profile).
+    CUDA: bitsandbytes. CPU: torch's own kernels from a pre-quantized cache, at 8-bit oneDNN's int8 GEMM (3.4
+    tok/s = 0.91 of the memory bandwidth, 1.18x llama.cpp's Q8_0; bitsandbytes' LLM.int8 is slower on a CPU), at
+    4-bit torch's int4 kernel, which beat bitsandbytes' NF4 on every figure of the last full-size run (decode
+    3.9 against 3.3 tok/s, prompts 48 against 14 tok/s, ready in 6 s against 29, 4.6 GB against 7.6). torch's
+    kernels compute in bfloat16: another compute dtype asked for (float32 for exactness) keeps bitsandbytes.
     """
     if bits == 16:
         return "dense"
-    if device == "cpu" and bits == 8 and dtype == "bfloat16":
+    if device == "cpu" and dtype == "bfloat16":
         return "torch"
     return "bnb"
 
@@ -82,7 +84,9 @@ def probe_hardware() -> Hardware:
     import torch
 
     if not torch.cuda.is_available():
-        return Hardware(cuda=False, ram_bytes=total_ram())
+        from .cpu_quant import onednn_int8_fast
+
+        return Hardware(cuda=False, ram_bytes=total_ram(), fast_int8=onednn_int8_fast())
     free, _total = torch.cuda.mem_get_info()
     return Hardware(cuda=True, free_bytes=free, bf16=torch.cuda.is_bf16_supported(),
                     name=torch.cuda.get_device_name())
@@ -121,18 +125,34 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
 
 def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
     if device == "cpu":
-        if sys.platform == "win32" and hardware.ram_bytes >= WINDOWS_DENSE_MIN_RAM_GIB * GIB:
-            # Measured under wine on torch's Windows build: its int4/int8 kernels and bitsandbytes (no CPU library
-            # in its Windows wheel) decode 4-7x slower than the bfloat16 matmul; with RAM for 12.5 GB it wins.
-            return "high", (f"no CUDA GPU, Windows with {hardware.ram_bytes / GIB:.0f} GiB of RAM: bfloat16 weights "
-                            "(quantized kernels are slow in Windows builds of torch)")
-        # Measured on the full-size model (bench/bench_cpu.py): 4-bit decodes fastest on the CPU and maps ~4.5 GB.
-        return "low", "no CUDA GPU: CPU with 4-bit weights (fastest on the CPU, fits in 16 GB of RAM)"
+        return _auto_cpu_profile(hardware)
     free_gib = hardware.free_bytes / GIB
     for name in ("high", "mid", "low"):
         if free_gib >= PROFILES[name].min_free_gib:
             return name, f"{hardware.name} has {free_gib:.1f} GiB free: profile {name} ({PROFILES[name].bits}-bit)"
     raise AssertionError("the low profile needs no free memory")
+
+
+def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
+    """Measured on the full-size model (bench/bench_cpu.py; Windows: torch's Windows build under wine):
+    - oneDNN's int8 GEMM (8-bit) decodes at 0.91 of the memory bandwidth, as fast as 4-bit here, reads prompts
+      1.7x faster and stays far closer to bfloat16 (KL 0.26 against 17): with RAM for its 7 GB, it is the pick
+      where it is fast (AVX512 or VNNI).
+    - On Windows torch's int4 kernel and bitsandbytes (no CPU library in its Windows wheel) are 4-7x slower than
+      the bfloat16 matmul; oneDNN is not (it generates its code at run time), and even where it is slow (AVX2
+      without VNNI) it beats them: 8-bit, or bfloat16 with RAM for 12.5 GB where 8-bit is slow.
+    - Otherwise 4-bit (4.6 GB)."""
+    ram_gib = hardware.ram_bytes / GIB
+    ram = f"{ram_gib:.0f} GiB of RAM"
+    if hardware.fast_int8 and ram_gib >= INT8_MIN_RAM_GIB:
+        return "mid", f"no CUDA GPU: CPU with 8-bit weights on oneDNN's int8 GEMM ({ram})"
+    if sys.platform == "win32":
+        if ram_gib >= WINDOWS_DENSE_MIN_RAM_GIB:
+            return "high", (f"no CUDA GPU, Windows with {ram} and a CPU without fast int8: bfloat16 weights "
+                            "(torch's Windows build has no fast 4-bit kernel)")
+        if ram_gib >= WINDOWS_INT8_MIN_RAM_GIB:
+            return "mid", f"no CUDA GPU, Windows with {ram}: 8-bit weights (faster than 4-bit in Windows builds)"
+    return "low", f"no CUDA GPU: CPU with 4-bit weights ({ram})"
 
 
 def _dtype(asked: str, device: str, hardware: Hardware) -> str:

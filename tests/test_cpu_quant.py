@@ -49,6 +49,48 @@ def test_layers_compute_what_their_dequantized_weights_say(weight, tokens):
         assert (got - expected).abs().max() < 0.02 * expected.abs().max(), kind.__name__
 
 
+def packed_int8_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> cpu_quant.Int8Linear:
+    layer = cpu_quant.Int8Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    q, scale = quantize_int8(weight)
+    layer.load_state_dict({"weight_int8": q, "scales": scale, **({"bias": bias} if bias is not None else {})},
+                          assign=True)
+    assert layer.pack(), "this torch has oneDNN's int8 GEMM"
+    assert layer.weight_int8 is None and "weight_int8" not in layer.state_dict()  # released: oneDNN has its copy
+    return layer
+
+
+def test_the_two_pass_activation_quantization_keeps_16_bits():
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(2))
+    x[1, 7] = 300.0  # an outlier channel
+    q, s1, s2 = cpu_quant.int8_activations(x.clone())
+    assert q.dtype == torch.uint8 and q.shape == (6, 4096)
+    back = (q[:3].float() - 128) * s1 + (q[3:].float() - 128) * s2
+    assert ((back - x).abs() <= s1 / 508 + 1e-6).all()
+    assert (back - x).abs()[1].max() < 300 / 127 / 508 * 1.01  # the outlier's row too
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 140, cpu_quant.ONEDNN_ROWS + 77])  # decode, batch, prompts in chunks
+def test_onednn_int8_layer_computes_what_its_dequantized_weights_say(weight, tokens):
+    bias = torch.randn(256).to(torch.bfloat16)
+    layer = packed_int8_layer(weight, bias)
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))
+    x[:, 3] *= 50  # an outlier channel: one int8 scale per row would lose ~10 % here
+    q, scale = quantize_int8(weight)
+    expected = x @ (q.float() * scale.float()[:, None]).T + bias.float()
+    got = layer(x[None]).float()[0]
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()  # bfloat16 output: ~0.4 %
+    one_scale = torch.round(x / (x.abs().amax(-1, keepdim=True) / 127)) * (x.abs().amax(-1, keepdim=True) / 127)
+    assert (one_scale @ (q.float() * scale.float()[:, None]).T + bias.float() - expected).abs().max() > \
+        3 * (got - expected).abs().max()  # what the second pass is for
+
+
+def test_onednn_int8_rows_do_not_depend_on_their_batch(weight):
+    layer = packed_int8_layer(weight)
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    together = layer(x)
+    assert all(torch.equal(layer(x[i:i + 1])[0], together[i]) for i in range(7))  # int32 sums are exact
+
+
 def test_int8_round_trip_is_within_half_a_step(weight):
     q, scale = quantize_int8(weight)
     error = (q.float() * scale.float()[:, None] - weight).abs()
@@ -61,7 +103,7 @@ def int4_model(tiny_checkpoint):
 
 
 def test_cpu_backends_by_measurement_and_torch_computes_in_bfloat16():
-    assert cpu_plan(bits=4, dtype="bfloat16").backend == "bnb"  # decodes fastest at 4-bit
+    assert cpu_plan(bits=4, dtype="bfloat16").backend == "torch"  # beat NF4 on every full-size figure
     plan = cpu_plan(bits=8, dtype="bfloat16")
     assert plan.backend == "torch" and plan.dtype == "bfloat16"
     assert dataclasses.replace(plan, backend="torch", dtype="float32").dtype == "bfloat16"
@@ -89,6 +131,15 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
     again = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
+
+
+def test_an_int8_model_holds_oneDNN_copies_and_no_mapped_file(tiny_checkpoint, int4_model):
+    loaded = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
+    layers = [m for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
+    assert layers and all(m.packed is not None and m.weight_int8 is None for m in layers)
+    assert loaded.model.mapped_files == []  # every shard was packed or copied, then unmapped
+    assert int4_model.model.mapped_files  # int4 weights are used where they lie in the file
+    assert int4_model.model.lm_head.packed is not None  # its 8-bit output layer runs on oneDNN too
 
 
 @pytest.mark.parametrize("bits", [8, 4])
