@@ -8,10 +8,10 @@
   outlier channels exact to ~1e-4 where one int8 scale per row loses ~10 %. Where this torch lacks oneDNN, the
   int8 layer uses `aten._weight_int8pack_mm` (bfloat16 activations). int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
-  ~4.5 bits per weight), `--cpu-backend torch` at 4-bit.
-- bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), the CPU's default at 4-bit: its CPU
-  kernel decodes faster than torch's int4 one (bench/bench_cpu.py); from the cache, from_pretrained needs
-  no quantizing at every start.
+  ~4.5 bits per weight), the CPU's default at 4-bit.
+- bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-backend bnb` at 4-bit: from the
+  cache, from_pretrained needs no quantizing at every start (slower than torch's int4 on the last full-size
+  run: bench/bench_cpu.py).
 
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
 weights. A prompt of many tokens is compute-bound instead: there the int4 (and, without oneDNN, the int8) weights
