@@ -51,7 +51,7 @@ def make_server(app, settings: Settings):
         return waitress.create_server(
             app, sockets=[listening_socket(settings.host, settings.port)],
             # every waiting or decoding stream holds a thread; leave some for quick calls
-            threads=settings.max_queue + (settings.max_batch or 8) * len((settings.backend or "-").split(",")) + 4,
+            threads=settings.max_queue + (getattr(app.extensions.get("chatglm2.engine"), "max_batch", 0) or 8) + 4,
             channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
             # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
             max_request_body_size=4 * settings.max_body_bytes + 65536,

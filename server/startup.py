@@ -20,9 +20,13 @@ def make_engine(settings: Settings):
     from .upstream import UpstreamEngine
 
     if settings.backend:
-        engine = UpstreamEngine(settings.backend.split(","), max_queue=settings.max_queue,
-                                reply_reserve=settings.reply_reserve, max_batch=settings.max_batch,
-                                max_context=settings.max_context, api_key=settings.backend_key)
+        urls = [url.strip() for url in settings.backend.split(",") if url.strip()]
+        try:
+            engine = UpstreamEngine(urls, max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
+                                    max_batch=settings.max_batch, max_context=settings.max_context,
+                                    api_key=settings.backend_key)
+        except ValueError as exc:
+            raise UserError(f"--backend 有误 / --backend: {exc}") from exc
         return engine, lambda engine: load_tokenizer_for(settings, report=engine.set_state)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
                     max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)

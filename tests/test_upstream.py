@@ -358,3 +358,11 @@ def test_a_real_llama_server_upstream_answers_like_the_local_model(tmp_path, ser
             front.close()
         proc.kill()
         proc.wait(10)
+
+
+def test_a_backend_that_is_no_url_is_one_line_at_start(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server", "--backend", "gpu-host:8000", "--model-dir",
+                           str(tmp_path), "--offline"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "CHATGLM2_SETTINGS_FILE": str(tmp_path / "none.ini")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--backend" in proc.stderr and "is not an http(s) URL such as http://127.0.0.1:8000/v1" in proc.stderr
