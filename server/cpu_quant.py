@@ -166,7 +166,7 @@ def onednn_int8_fast() -> bool:
     n, k = 8192, 4096  # 32 MB of int8 weights: read from memory, as in decoding
     layer = Int8Linear(k, n, bias=False)
     layer.load_state_dict({"weight_int8": torch.ones(n, k, dtype=torch.int8), "scales": torch.ones(n)}, assign=True)
-    layer.pack()
+    layer.to_onednn()
     dense = torch.zeros(n, k, dtype=torch.bfloat16)
     x = torch.ones(1, k, dtype=torch.bfloat16)
 
@@ -213,15 +213,19 @@ class Int8Linear(QuantizedLinear):
 
     def pack(self) -> bool:
         """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
-        cached) and release the int8 buffer, whose copy it is. False where this torch has no oneDNN."""
-        if not onednn_int8():
+        cached) and release the int8 buffer, whose copy it is. Done where oneDNN's int8 is fast, and on Windows,
+        where torch's own int8 kernel is slower still; False (torch's kernel then) elsewhere."""
+        if not (onednn_int8() and (sys.platform == "win32" or onednn_int8_fast())):
             return False
+        self.to_onednn()
+        return True
+
+    def to_onednn(self) -> None:
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, [1, self.in_features])
         self.weight_scales = self.scales.float()
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
         self.weight_int8 = None  # the mapped (or loaded) int8 copy is no longer needed
         self.dense_from_tokens = sys.maxsize  # oneDNN's int8 GEMM beats expanding W at every size
-        return True
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

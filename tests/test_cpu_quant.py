@@ -142,6 +142,20 @@ def test_an_int8_model_holds_oneDNN_copies_and_no_mapped_file(tiny_checkpoint, i
     assert int4_model.model.lm_head.packed is not None  # its 8-bit output layer runs on oneDNN too
 
 
+def test_where_onednn_int8_is_slow_the_int8_layers_keep_torchs_kernel(tiny_checkpoint, monkeypatch):
+    fast = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
+    monkeypatch.setattr(cpu_quant, "onednn_int8_fast", lambda: False)  # an AVX2 CPU without VNNI
+    monkeypatch.setattr(cpu_quant.sys, "platform", "linux")  # (on Windows oneDNN is used even then)
+    slow = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
+    layers = [m for m in slow.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
+    assert layers and all(m.packed is None and m.weight_int8 is not None for m in layers)
+    assert slow.model.mapped_files  # torch's kernel reads the int8 weights where they lie
+    ids = torch.tensor([slow.tokenizer.build_prompt("hello world 你好", [])])
+    with torch.no_grad():
+        a, b = fast.model(ids).logits[0, -1].float(), slow.model(ids).logits[0, -1].float()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999  # the same weights, activations in 16 vs ~16 bits
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_logits_stay_close_to_bfloat16(tiny_checkpoint, tiny_model, bits, int4_model):
     loaded = int4_model if bits == 4 else load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
