@@ -69,9 +69,10 @@ def test_launcher_in_a_chinese_path_downloads_loads_and_answers_like_linux(bundl
     try:
         # float32 first (downloads and converts), then 4-bit quantized on the fly, then the default launcher as a
         # double-click starts it: profile auto, which on this PC (24 GiB, oneDNN's int8 fast) is 8-bit on oneDNN
-        for bat, bits, dtype, args in (("start_low_vram.bat", 16, "float32", ("--quantize", "16", "--dtype", "float32")),
-                                       ("start_low_vram.bat", 4, "float32", ("--quantize", "4", "--dtype", "float32")),
-                                       ("开启API服务.bat", 8, "bfloat16", ())):
+        starts = (("start_low_vram.bat", 16, "float32", ("--quantize", "16", "--dtype", "float32")),
+                  ("start_low_vram.bat", 4, "float32", ("--quantize", "4", "--dtype", "float32")),
+                  ("开启API服务.bat", 8, "bfloat16", ()))
+        for bat, bits, dtype, args in starts:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             proc = run_bat(root, env, bat, "--port", str(port), "--mirror", hub.url, "--max-context", "256",

@@ -86,7 +86,8 @@ class StandIn:
             except EngineBusy as exc:
                 return error(429, str(exc))
             include_usage = (body.get("stream_options") or {}).get("include_usage")
-            return Response(self.stream(job, include_usage, client_watcher(request.environ)), content_type="text/event-stream")
+            return Response(self.stream(job, include_usage, client_watcher(request.environ)),
+                            content_type="text/event-stream")
 
         return app
 
@@ -104,7 +105,9 @@ class StandIn:
         for update in follow(self.engine, job, watch, "/v1/completions"):
             if self.fail_midway is not None and events >= self.fail_midway:
                 self.engine.interrupt(job.id)
-                yield f"data: {json.dumps({'error': {'message': 'stand-in engine failed', 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n".encode()
+                failure = {"error": {"message": "stand-in engine failed", "type": "InternalServerError",
+                                     "param": None, "code": 500}}
+                yield f"data: {json.dumps(failure)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
                 return
             if isinstance(update, Finished):
