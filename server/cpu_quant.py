@@ -5,8 +5,9 @@
   int8 GEMM (`onednn.qlinear_pointwise`, VNNI or AMX where the CPU has them; oneDNN generates its code at run
   time, so torch's Windows build gets the same speed). That GEMM takes int8 activations too: each row of
   activations is quantized twice, the second time its rounding error (see int8_activations), which keeps
-  outlier channels exact to ~1e-4 where one int8 scale per row loses ~10 %. Where this torch lacks oneDNN, the
-  int8 layer uses `aten._weight_int8pack_mm` (bfloat16 activations). int4: `aten._weight_int4pack_mm_for_cpu`,
+  outlier channels exact to ~1e-4 where one int8 scale per row loses ~10 %. Where this torch lacks oneDNN, or
+  its int8 is slow (plain AVX2; not on Windows, see Int8Linear.pack), the int8 layer uses
+  `aten._weight_int8pack_mm` (bfloat16 activations). int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
   ~4.5 bits per weight), the CPU's default at 4-bit.
 - bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-backend bnb` at 4-bit: from the

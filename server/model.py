@@ -173,7 +173,7 @@ def warm_up(model, tokenizer: ChatGLM2Tokenizer) -> None:
 
     from .generate import decode_one_token, prefill
 
-    length = min(DENSE_FROM_TOKENS.values())  # the dense prefill path of int8, the kernel path of int4
+    length = min(DENSE_FROM_TOKENS.values())  # int4's kernel path, torch int8's dense path (oneDNN has no other)
     ids = (tokenizer.prompt_prefix() + tokenizer.sp.encode("你好 hello " * length))[:length]
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)

@@ -130,7 +130,7 @@ class UpstreamEngine:
         """Fit the request, open its stream on the least busy upstream that answers, and follow it on a thread.
         Raises NotReady when none answers, EngineBusy when too many are in flight or every upstream is busy,
         UpstreamRejected when an upstream refuses the request itself."""
-        if self.loaded is None or not self.pool.any_usable:
+        if not self.pool.any_usable:
             raise NotReady(f"the front end is not ready ({self.state})")
         job = Job(request=request, prompt=self.fit(request))
         with self._lock:
