@@ -32,8 +32,10 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # drop a token when the tokens before it already reach top_p; the most likely always stays
+        # drop a token when the tokens before it already reach top_p. The most likely always stays, also when
+        # top_p is so small that it is 0 in float32 (1e-300): otherwise every token goes and the sum is 0.
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[..., 0] = False
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum()
@@ -41,9 +43,16 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     if sampling.temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
+        return greedy(logits)
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_p)
+    if not bool(torch.isfinite(probs).all()):  # logits with nan or inf (a broken model): never a crash
+        return greedy(logits)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The most likely id; a nan counts as the least likely (argmax would pick it)."""
+    return int(torch.nan_to_num(logits.float(), nan=float("-inf")).argmax())
 
 
 def new_generator(sampling: Sampling, device) -> torch.Generator | None:

@@ -44,7 +44,7 @@ def submit(engine: Engine, request: GenerationRequest) -> Job:
 
 def not_ready_message(engine: Engine) -> str:
     if engine.state == "error":
-        return f"the model failed to load: {engine.detail.get('error', 'see the server log')}"
+        return f"the model is not available: {engine.detail.get('error', 'see the server log')}"
     if engine.state == "unavailable":  # a front end whose upstream engines do not answer
         return f"{engine.detail.get('error')}; try again in a few seconds"
     progress = engine.detail.get("progress")

@@ -34,6 +34,7 @@ GIB = 1024**3
 DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
 # Memory kept free beside the batch's caches: the prompt of a joining job runs while the batch waits.
 RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
+WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
 
 class EngineBusy(Exception):
@@ -51,7 +52,7 @@ class Engine:
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
-        self.state = "loading"  # loading, downloading, ready or error
+        self._state = "loading"  # loading, downloading, ready or error (see `state`)
         self.detail: dict = {}  # what /health shows beside the state (progress, error, model facts)
         self.notices: list[str] = []  # lines the person should act on (e.g. a GPU torch cannot use)
         self.loaded: LoadedModel | None = None
@@ -89,8 +90,17 @@ class Engine:
         self._worker.start()
         self.set_state("ready")
 
+    @property
+    def state(self) -> str:
+        """loading, downloading, ready or error; "error" also when the worker thread has died, so that /health
+        and every route (503) say so instead of queueing work that nothing will run."""
+        worker = self._worker
+        if self._state == "ready" and worker is not None and not worker.is_alive() and not self._closed:
+            self.set_state("error", error=WORKER_STOPPED)
+        return self._state
+
     def set_state(self, state: str, **detail) -> None:
-        self.state, self.detail = state, detail
+        self._state, self.detail = state, detail
 
     def add_notice(self, text: str) -> None:
         self.notices.append(text)
@@ -178,22 +188,49 @@ class Engine:
     def _work(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._pending and not self._batch.rows and not self._closed:
-                        self._lock.wait()
-                    if self._closed and not self._batch.rows:
-                        return
-                    admitted = []
-                    while self._pending and len(self._batch) + len(admitted) < self.max_batch:
-                        job = self._pending.popleft()
-                        self._running[job.id] = job
-                        admitted.append(job)
-                for job in admitted:
-                    self._start(job)
-                if self._batch.rows:
-                    self._step()
+        try:
+            with torch.inference_mode():
+                while self._turn():
+                    pass
+        except BaseException:  # nothing should get here (each turn catches Exception): say so where it shows
+            log.critical("the engine worker stopped", exc_info=True)
+            self.set_state("error", error=WORKER_STOPPED)
+            self._fail_all(WORKER_STOPPED, queued_too=True)
+
+    def _turn(self) -> bool:
+        """Admit what fits, then one decode step. False once the engine is closed and the batch is empty."""
+        with self._lock:
+            while not self._pending and not self._batch.rows and not self._closed:
+                self._lock.wait()
+            if self._closed and not self._batch.rows:
+                return False
+            admitted = []
+            while self._pending and len(self._batch) + len(admitted) < self.max_batch:
+                job = self._pending.popleft()
+                self._running[job.id] = job
+                admitted.append(job)
+        try:
+            for job in admitted:
+                self._start(job)
+            if self._batch.rows:
+                self._step()
+        except Exception as exc:  # a fault outside one job's own steps: the running jobs fail, the engine goes on
+            log.error("engine step failed", exc_info=exc)
+            self._fail_all(f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _fail_all(self, error: str, queued_too: bool = False) -> None:
+        """End every running job (and the queued ones too) with `error` and empty the batch."""
+        self._batch.remove(list(range(len(self._batch))))
+        with self._lock:
+            jobs = list(self._running.values())
+            self._running.clear()
+            if queued_too:
+                jobs += self._pending
+                self._pending.clear()
+        for job in jobs:
+            if job.result is None:
+                job.finish_unstarted("error", error=error)
 
     def _start(self, job: Job) -> None:
         """Run a job's prompt (after what the prefix cache holds of it) and sample its first token; it then
@@ -216,7 +253,12 @@ class Engine:
         except Exception as exc:  # out of memory or a model error: this job fails, the engine goes on
             self._fail([seq], exc)
             return
-        if seq.advance(logits):
+        try:
+            goes_on = seq.advance(logits)
+        except Exception as exc:  # sampling or reporting failed: this job fails, the engine goes on
+            self._fail([seq], exc)
+            return
+        if goes_on:
             self._batch.add(seq, cache)
         else:
             self._end(seq, [(layer.keys.cpu(), layer.values.cpu()) for layer in cache.layers])
@@ -231,16 +273,30 @@ class Engine:
             batch.remove(list(range(len(rows))))
             self._fail(rows, exc)
             return
-        ended = [i for i, seq in enumerate(batch.rows) if not seq.advance(logits[i])]
+        ended, failed = [], []
+        for i, seq in enumerate(batch.rows):
+            try:
+                if not seq.advance(logits[i]):
+                    ended.append(i)
+            except Exception as exc:  # one row's sampling or reporting failed: that job fails, the rest go on
+                failed.append(i)
+                self._fail([seq], exc)
         for i in ended:
             self._end(batch.rows[i], batch.row_tensors(i))
-        batch.remove(ended)
+        batch.remove(ended + failed)
 
     def _end(self, seq, tensors) -> None:
         """Keep what the sequence computed for a later prompt that starts the same way, then report the end
         (in this order, so that a client's next turn finds it)."""
-        self.prefix_cache.store(seq.ids, tensors)
-        seq.finish()
+        try:
+            self.prefix_cache.store(seq.ids, tensors)
+        except Exception:  # out of memory, say: the reply is still good, only its reuse is lost
+            log.warning("could not keep job %s in the prefix cache", seq.job.id, exc_info=True)
+        try:
+            seq.finish()
+        except Exception as exc:
+            self._fail([seq], exc)
+            return
         self._forget(seq.job)
 
     def _fail(self, rows: list, exc: Exception) -> None:
@@ -250,7 +306,12 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         for seq in rows:
-            seq.finish(error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                seq.finish(error=error)
+            except Exception:  # the decoder itself broke: end the job without its last text
+                if seq.job.result is None:
+                    seq.job.finish_unstarted("error", error=error)
             self._forget(seq.job)
 
     def _forget(self, job: Job) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 from ..budget import FittedPrompt, GenerationRequest
 from ..tokenizer import clean_reply
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,10 @@ class Job:
             with self._finish_lock:
                 self.result = event
             for callback in self._on_finished:
-                callback(event)
+                try:
+                    callback(event)
+                except Exception:  # a failing log line must not keep the client from its end event
+                    log.warning("a callback of job %s failed", self.id, exc_info=True)
         self._events.put(event)
 
     def show(self, generated: str, completion_tokens: int, shown: str) -> str:
@@ -103,12 +109,13 @@ class Job:
             first_token_seconds=None if first_token_at is None else first_token_at - self.submitted,
             error=error, cached_tokens=cached_tokens))
 
-    def finish_unstarted(self, reason: str) -> None:
-        """End a job that never reached the model (interrupted while queued, or the engine closed)."""
+    def finish_unstarted(self, reason: str, error: str | None = None) -> None:
+        """End a job without its reply: it never reached the model (interrupted while queued, the engine closed),
+        or the engine failed around it (reason `error`, with the error)."""
         self.emit(Finished(
             finish_reason=reason, text=self.request.answer_prefix, generated="", prompt_tokens=len(self.prompt.ids),
             completion_tokens=0, dropped_rounds=self.prompt.dropped_rounds,
-            seconds=time.perf_counter() - self.submitted, first_token_seconds=None))
+            seconds=time.perf_counter() - self.submitted, first_token_seconds=None, error=error))
 
 
 def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
