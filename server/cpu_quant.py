@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP = 32  # int4 weights per scale/zero pair along K
-BLOCK_N = 64  # the int4 packer lays out blocks of this many output rows (with AVX512; fewer rows pack otherwise)
+BLOCK_N = 64  # the int4 packer lays out blocks of this many output rows with AVX512 (half as many with AVX2)
 # From this many tokens on (prefill), expanding the weights to bfloat16 and using the dense GEMM beats the
 # quantized kernel (measured with the 6B shapes: int8 expands in ~90 ms per 100 M weights, int4 in ~170 ms).
 DENSE_FROM_TOKENS = {8: 32, 4: 128}
@@ -41,25 +41,25 @@ def int4_fits(weight: torch.Tensor) -> bool:
     return n % BLOCK_N == 0 and k % GROUP == 0
 
 
-AVX512_ROWS = torch.arange(BLOCK_N).view(2, BLOCK_N // 2).t().reshape(-1)  # 0, 32, 1, 33, …
-
-
 @functools.cache
 def int4_block_rows() -> torch.Tensor | None:
-    """Which row of a 64-row block each packed nibble holds, for one k (low nibble of each byte first).
+    """Which row of a packed block each nibble holds, for one k (low nibble of each byte first); its length is
+    the block's rows: 64 with AVX512 (byte j holds rows j and 32 + j), 32 with AVX2 (rows j and 16 + j).
 
     The packed layout is torch's and depends on the CPU's vector width, so the packer itself is asked, with one
-    64x2 probe. None when it is not a 64-row block layout: prefill then runs on the int4 kernel too.
+    64x2 probe. None when it is no such block layout: prefill then runs on the int4 kernel too.
     """
     rows = torch.arange(BLOCK_N, dtype=torch.int32)
 
-    def nibbles(values: torch.Tensor) -> torch.Tensor:  # the first k's nibbles of the packed probe
+    def nibbles(values: torch.Tensor) -> torch.Tensor:  # the probe's packed nibbles, in memory order
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:, None].repeat(1, 2), 1)
-        first_k = packed.reshape(-1)[: BLOCK_N // 2]
-        return torch.stack((first_k & 15, first_k >> 4), dim=-1).reshape(-1).long()
+        return torch.stack((packed.reshape(-1) & 15, packed.reshape(-1) >> 4), dim=-1).reshape(-1).long()
 
     order = nibbles(rows % 16) + 16 * nibbles(rows // 16)
-    return order if torch.equal(order.sort().values, rows.long()) else None
+    for block in (BLOCK_N, BLOCK_N // 2):  # the first k of the first block fills its first `block` nibbles
+        if torch.equal(order[:block].sort().values, torch.arange(block)):
+            return order[:block]
+    return None
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,15 +76,20 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """The bfloat16 [N, K] weight back from the kernel's layout: blocks of 64 rows, and for each k 32 bytes
-    holding the block's rows in int4_block_rows() order (with AVX512: byte j holds rows j and 32 + j)."""
+    holding the block's rows in int4_block_rows() order."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n // BLOCK_N, k, BLOCK_N // 2)
     order = int4_block_rows()
-    q = torch.empty(n // BLOCK_N, 2, BLOCK_N // 2, k, dtype=torch.bfloat16)
+    if order is None:  # a layout not read here (no AVX2): the kernel itself multiplies the identity (slow, exact)
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, GROUP, scales_zeros).t().contiguous()
+    block = len(order)
+    blocks = packed.view(n // block, k, block // 2)
+    q = torch.empty(n // block, 2, block // 2, k, dtype=torch.bfloat16)
     q[:, 0].copy_((blocks & 15).transpose(1, 2))  # one pass each, casting while copying
     q[:, 1].copy_((blocks >> 4).transpose(1, 2))
-    if not torch.equal(order, AVX512_ROWS):  # another nibble order: put rows in place (slower, still right)
-        q = q.view(n // BLOCK_N, BLOCK_N, k).index_select(1, order.argsort())
+    halves = torch.arange(block).view(2, block // 2).t().reshape(-1)  # the order the two copies above read
+    if not torch.equal(order, halves):  # another nibble order: put rows in place (slower, still right)
+        q = q.view(n // block, block, k).index_select(1, order.argsort())
     scale, zero = scales_zeros.transpose(0, 1).unbind(-1)  # [N, K/G] each
     q = q.reshape(n, k // GROUP, GROUP)
     return q.mul_(scale.unsqueeze(-1)).add_((zero - 8 * scale).unsqueeze(-1)).view(n, k)
@@ -155,6 +160,21 @@ def onednn_int8() -> bool:
 
 
 @functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 GEMM sums exactly here. Without VNNI (plain AVX2: older Intel, AMD before Zen 4) its
+    u8 x s8 code adds pairs of products in int16, which saturates: a 2 x 64 probe built to overflow such pairs
+    comes back off by ~50 %, and a real model's layers by ~6 % (found on an AMD Zen 3). VNNI sums in int32."""
+    if not onednn_int8():
+        return False
+    k = 64
+    packed = torch.ops.onednn.qlinear_prepack(torch.full((1, k), 127, dtype=torch.int8), [1, k])
+    y = torch.ops.onednn.qlinear_pointwise(torch.full((1, k), 255, dtype=torch.uint8), 1.0, 128, packed,
+                                           torch.ones(1), torch.zeros(1, dtype=torch.int64), None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    return float(y) == 127.0 * 127 * k  # (255 - 128) x 127, k times
+
+
+@functools.cache
 def onednn_int8_fast() -> bool:
     """Whether oneDNN's int8 GEMM multiplies one token faster than the bfloat16 matmul here. It does with AVX512 or
     VNNI (2-3x; measured under wine on torch's Windows build too); on AVX2 CPUs without VNNI (older Intel, AMD
@@ -215,8 +235,9 @@ class Int8Linear(QuantizedLinear):
     def pack(self) -> bool:
         """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
         cached) and release the int8 buffer, whose copy it is. Done where oneDNN's int8 is fast, and on Windows,
-        where torch's own int8 kernel is slower still; False (torch's kernel then) elsewhere."""
-        if not (onednn_int8() and (sys.platform == "win32" or onednn_int8_fast())):
+        where torch's own int8 kernel is slower still; never where it is not exact (onednn_int8_exact). False
+        (torch's kernel then) elsewhere."""
+        if not (onednn_int8_exact() and (sys.platform == "win32" or onednn_int8_fast())):
             return False
         self.to_onednn()
         return True
