@@ -9,7 +9,7 @@ set "PYTHONNOUSERSITE=1"
 set "PYTHONUTF8=1"
 set "PATH=%CD%\system;%CD%\system\Scripts;%PATH%"
 if not exist "system\python.exe" goto no_python
-"system\python.exe" -s -m server.install_deps %*
+"system\python.exe" -s -m server.setup.install_deps %*
 set "RC=%ERRORLEVEL%"
 if not defined CHATGLM2_NO_PAUSE pause
 exit /b %RC%

@@ -42,8 +42,8 @@ def question(turn: int, tokenizer, tokens: int = 200) -> str:
 
 
 def load(folder: Path, config: str):
-    from server.model import load_model
-    from server.profiles import Plan
+    from server.model.loader import load_model
+    from server.model.profiles import Plan
 
     backend, bits = config.split("-")
     plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
@@ -63,7 +63,7 @@ def engine_for(loaded, **options):
 
 def multi_turn(loaded, turns: int, reply: int, cache: bool) -> list[tuple[int, int, float]]:
     """(prompt tokens, cached tokens, time to first token) per turn."""
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
 
     engine = engine_for(loaded, max_batch=1, prompt_cache_mb=1024 if cache else 0)
     history, rows = [], []
@@ -82,7 +82,7 @@ def multi_turn(loaded, turns: int, reply: int, cache: bool) -> list[tuple[int, i
 def streams(loaded, n: int, reply: int) -> tuple[float, float]:
     """(aggregate tok/s, median per-stream tok/s) of n streams submitted at once, counted from the moment the
     last of them has its first token (the prompts run one after another before the batch decodes)."""
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
 
     engine = engine_for(loaded, max_batch=8, prompt_cache_mb=0)
     jobs = [engine.submit(GenerationRequest(query=f"第{i}个问题：请介绍一下你自己。", max_new_tokens=reply, **GREEDY))
@@ -98,7 +98,7 @@ def streams(loaded, n: int, reply: int) -> tuple[float, float]:
 
 def arriving(loaded, reply: int) -> tuple[float, float, float]:
     """(TTFT of a job joining 3 decoding ones, its prefill alone, the 4-row decode step time)."""
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
 
     late = GenerationRequest(query=question(9, loaded.tokenizer, tokens=100), max_new_tokens=4, **GREEDY)
     alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import REAL_TOKENIZER  # noqa: E402
-from server.budget import GenerationRequest, fit_prompt  # noqa: E402
-from server.tokenizer import ChatGLM2Tokenizer  # noqa: E402
+from server.engine.budget import GenerationRequest, fit_prompt  # noqa: E402
+from server.model.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 from tests.test_budget import one_at_a_time as old_fit  # noqa: E402  (the old loop, kept as the tests' reference)
 
 

@@ -87,7 +87,7 @@ def matmul_gflops() -> float:
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read),
     oneDNN's copies of int8 layers included (one byte per weight)."""
-    from server.cpu_quant import Int8Linear
+    from server.model.cpu_quant import Int8Linear
 
     total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if "embed_tokens" not in n and "rotary" not in n)
@@ -112,10 +112,10 @@ def quality_ids(tokenizer) -> list[int]:
 def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference: Path) -> dict:
     import torch
 
-    from server.convert import ensure_converted
-    from server.generate import Sampling, generate_ids, prefill
-    from server.model import cache_format, load_model
-    from server.profiles import Plan
+    from server.model.convert import ensure_converted
+    from server.engine.sampling import Sampling, generate_ids, prefill
+    from server.model.loader import cache_format, load_model
+    from server.model.profiles import Plan
     from transformers import DynamicCache
 
     peaks = MemoryPeaks()

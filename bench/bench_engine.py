@@ -46,7 +46,7 @@ def prepare_checkpoint(folder: Path | None, layers: int, device: str) -> Path:
 
 
 def plan_for_precision(precision: str, device: str):
-    from server.profiles import Plan
+    from server.model.profiles import Plan
 
     bits = int(precision) if precision.isdigit() else 16
     dtype = precision if bits == 16 else ("float16" if device == "cuda" else "bfloat16")
@@ -87,7 +87,7 @@ def bare_generate(model, prompt_ids, n):
 
 
 def engine_generate(engine, query, n):
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
 
     start = time.perf_counter()
     done = engine.submit(GenerationRequest(query=query, max_new_tokens=n, temperature=0)).wait()
@@ -114,17 +114,17 @@ def main() -> None:
 
 
     from server.engine import Engine
-    from server.model import load_model
+    from server.model.loader import load_model
 
     folder = prepare_checkpoint(args.dir, args.layers, args.device)
     size = sum(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
 
-    convert_code = f"from pathlib import Path; from server.convert import convert; convert(Path({str(folder)!r}))"
+    convert_code = f"from pathlib import Path; from server.model.convert import convert; convert(Path({str(folder)!r}))"
     conv_rss = peak_rss_of(convert_code)[0]
     largest = max(f.stat().st_size for f in folder.glob("pytorch_model-*.bin")) / 1e9
     print(f"peak RSS of conversion {conv_rss:.2f} GB; checkpoint {size:.2f} GB, largest shard {largest:.2f} GB")
     for precision in args.precisions.split(","):
-        load_code = ("from pathlib import Path; from server.model import load_model; "
+        load_code = ("from pathlib import Path; from server.model.loader import load_model; "
                      "from bench.bench_engine import plan_for_precision; "
                      f"loaded = load_model(Path({str(folder)!r}), plan_for_precision({precision!r}, 'cpu'))")
         peak, anon, file = peak_rss_of(load_code)

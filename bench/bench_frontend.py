@@ -81,7 +81,7 @@ def start_standin(pace_ms: float, max_context: int, folder: Path):
     import torch
 
     from server.engine import Engine
-    from server.model import load_model
+    from server.model.loader import load_model
     from tests.checkpoint_factory import write_checkpoint
     from tests.conftest import LiveServer, cpu_plan
     from tests.upstream_standin import StandIn
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=512)
     args = parser.parse_args()
 
-    from server.tokenizer import load_tokenizer
+    from server.model.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.upstream:

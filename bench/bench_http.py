@@ -59,11 +59,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path)
     args = parser.parse_args()
 
-    from server.app import create_app
+    from server.web.app import create_app
     from server.config import Settings
     from server.engine import Engine
-    from server.model import load_model
-    from server.serve import make_server
+    from server.model.loader import load_model
+    from server.web.serve import make_server
 
     folder = prepare_checkpoint(args.dir, args.layers, args.device)
     loaded = load_model(folder, plan_for_precision(args.precision, args.device))

@@ -36,7 +36,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from server.engine import Engine
-    from server.model import load_model
+    from server.model.loader import load_model
     from tests.checkpoint_factory import write_checkpoint
     from tests.conftest import LiveServer, cpu_plan
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .budget import ContextOverflow, GenerationRequest
+from .engine.budget import ContextOverflow, GenerationRequest
 from .config import Settings
 from .engine import Update
 from .startup import make_engine

@@ -80,8 +80,8 @@ def run_export(settings: Settings, target: str | None) -> int:
     """Download what is missing, convert once, and write the export folder."""
     if not target:
         raise UserError("导出需要目标文件夹 / export needs a folder: python -m server export DIR")
-    from .bootstrap import ensure_model
-    from .export import export
+    from .setup.bootstrap import ensure_model
+    from .model.export import export
 
     ensure_model(settings)
     try:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(settings)
         if args.command == "export":
             return run_export(settings, args.target)
-        from .serve import run_server
+        from .web.serve import run_server
 
         return run_server(settings)
     except UserError as exc:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .bootstrap import Report, ensure_model
+from .setup.bootstrap import Report, ensure_model
 from .config import Settings, UserError
-from .gpu import unused_gpu_notice
-from .profiles import plan_for, probe_hardware
+from .setup.gpu import unused_gpu_notice
+from .model.profiles import plan_for, probe_hardware
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def make_engine(settings: Settings):
 
 def load_tokenizer_for(settings: Settings, report: Report | None = None):
     """A front end's whole model: tokenizer.model, downloaded alone when missing (-> ChatGLM2Tokenizer)."""
-    from .tokenizer import load_tokenizer
+    from .model.tokenizer import load_tokenizer
 
     ensure_model(settings, report, only=("tokenizer.model",))
     try:
@@ -49,8 +49,8 @@ def load_for(settings: Settings, report: Report | None = None, notice: Callable[
 
     `notice` receives lines the person should see until they act (console, /health and the page show them)."""
     ensure_model(settings, report)
-    from .convert import ConversionError  # the model stack (torch, transformers) is imported from here on
-    from .model import ModelLoadError, load_model
+    from .model.convert import ConversionError  # the model stack (torch, transformers) is imported from here on
+    from .model.loader import ModelLoadError, load_model
 
     model_dir = settings.model_dir
     try:

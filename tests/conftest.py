@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.engine import Engine
-from server.model import load_model
-from server.profiles import Plan
+from server.model.loader import load_model
+from server.model.profiles import Plan
 from tests.checkpoint_factory import write_checkpoint
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "chatglm2" / "tokenizer.model"
@@ -88,9 +88,9 @@ class LiveServer:
     def __init__(self, engine, app=None, **settings):
         import threading
 
-        from server.app import create_app
+        from server.web.app import create_app
         from server.config import Settings
-        from server.serve import make_server
+        from server.web.serve import make_server
 
         self.engine = engine
         self.settings = Settings(**{"host": "127.0.0.1", "port": 0, "chatlog": False, **settings})

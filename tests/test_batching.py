@@ -9,9 +9,9 @@ import pytest
 import requests
 import torch
 
-from server.budget import GenerationRequest
+from server.engine.budget import GenerationRequest
 from server.engine import engine as engine_module
-from server.model import load_model
+from server.model.loader import load_model
 from tests.conftest import cpu_plan
 from tests.test_http import parse_sse
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from server import bootstrap
-from server.bootstrap import DownloadError, ensure_model
+from server.setup import bootstrap
+from server.setup.bootstrap import DownloadError, ensure_model
 from server.config import Settings, from_env
 from server.engine import Engine
 from server.startup import load_for
@@ -123,7 +123,7 @@ def test_verify_recheck_replaces_a_damaged_local_file(hub, tmp_path, caplog):
     (folder / WEIGHTS).write_bytes(bytes(data))
     ensure_model(settings_for(hub, folder))  # a plain start trusts complete files
     assert (folder / WEIGHTS).read_bytes() != hub.files[WEIGHTS]
-    with caplog.at_level("WARNING", logger="server.bootstrap"):
+    with caplog.at_level("WARNING", logger="server.setup.bootstrap"):
         ensure_model(settings_for(hub, folder, verify=True))
     assert (folder / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
     assert f"{WEIGHTS} does not match the hub's checksum: downloading it again" in caplog.text  # which, and why
@@ -247,7 +247,7 @@ def test_auto_mirror_falls_back_when_the_hub_cannot_be_reached(hub, tmp_path, mo
     """Two loopback hubs: the first refuses (as huggingface.co does from mainland China), the second serves."""
     monkeypatch.setattr(bootstrap, "AUTO_ENDPOINTS", (refusing_url(), hub.url))
     folder = tmp_path / "m"
-    with caplog.at_level("WARNING", logger="server.bootstrap"):
+    with caplog.at_level("WARNING", logger="server.setup.bootstrap"):
         ensure_model(Settings(model_dir=folder))  # mirror defaults to auto: no setting needed
     assert (folder / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
     assert any("cannot be reached" in r.getMessage() and hub.url in r.getMessage() for r in caplog.records)

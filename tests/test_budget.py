@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.budget import ContextOverflow, GenerationRequest, fit_prompt, rounds_to_drop
-from server.tokenizer import ChatGLM2Tokenizer
+from server.engine.budget import ContextOverflow, GenerationRequest, fit_prompt, rounds_to_drop
+from server.model.tokenizer import ChatGLM2Tokenizer
 
 WORDS = ["你好", "世界", "hello", "world", "天气", " ", "\n", "[Round 3]", "答：", "😀", "9", "99"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from server.cli import build_parser, settings_from
 from server.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, Settings
-from server.profiles import GIB, Hardware, plan_for
+from server.model.profiles import GIB, Hardware, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_open_browser_opens_the_chat_page_once_listening(tmp_path):
 
 def test_http_layer_starts_without_the_model_stack():
     """The server answers HTTP before torch & co. are imported (and on machines where they fail to import)."""
-    code = ("import sys, server.serve, server.cli, server.chat; "
+    code = ("import sys, server.web.serve, server.cli, server.chat; "
             "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
@@ -130,9 +130,9 @@ def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expec
 ])
 def test_cpu_auto_profile_follows_the_cpus_int8_speed_and_the_ram(monkeypatch, platform, fast_int8, ram_gib,
                                                                   profile):
-    import server.profiles
+    import server.model.profiles
 
-    monkeypatch.setattr(server.profiles.sys, "platform", platform)
+    monkeypatch.setattr(server.model.profiles.sys, "platform", platform)
     plan = plan_for(Settings(), Hardware(cuda=False, ram_bytes=int(ram_gib * GIB), fast_int8=fast_int8))
     assert plan.device == "cpu" and plan.profile == profile and plan.dtype == "bfloat16"
     assert plan.bits == {"high": 16, "mid": 8, "low": 4}[profile] and plan.backend == ("dense" if profile == "high"
@@ -142,7 +142,7 @@ def test_cpu_auto_profile_follows_the_cpus_int8_speed_and_the_ram(monkeypatch, p
 def test_the_int8_probe_finds_oneDNN_fast_on_an_avx512_cpu():
     import torch
 
-    from server import cpu_quant
+    from server.model import cpu_quant
 
     assert cpu_quant.onednn_int8()  # torch's x86 builds have oneDNN
     if torch.backends.cpu.get_cpu_capability() != "AVX512":

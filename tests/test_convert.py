@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server import convert
-from server.convert import ConversionError, cache_dir, ensure_converted
-from server.model import ModelLoadError, load_model
+from server.model import convert
+from server.model.convert import ConversionError, cache_dir, ensure_converted
+from server.model.loader import ModelLoadError, load_model
 from tests.checkpoint_factory import write_checkpoint
 from tests.conftest import cpu_plan
 

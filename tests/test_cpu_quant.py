@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from server import convert, cpu_quant
-from server.cpu_quant import dequantize_int4, int4_block_rows, quantize_int4, quantize_int8
-from server.model import load_model
+from server.model import convert, cpu_quant
+from server.model.cpu_quant import dequantize_int4, int4_block_rows, quantize_int4, quantize_int8
+from server.model.loader import load_model
 from tests.conftest import cpu_plan
 
 
@@ -220,7 +220,7 @@ def test_bitsandbytes_4bit_on_the_cpu_loads_a_pre_quantized_cache_equal_to_quant
         tiny_checkpoint, monkeypatch):
     import bitsandbytes.functional
 
-    from server.model import cache_format, load_pretrained
+    from server.model.loader import cache_format, load_pretrained
 
     plan = dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="bnb")
     assert cache_format(plan) == "cpu-nf4"

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from server.budget import ContextOverflow, GenerationRequest
+from server.engine.budget import ContextOverflow, GenerationRequest
 from server.engine import EngineBusy, Update, apply_stop
-from server.generate import Sampling, sample, vocabulary_mask
-from server.model import load_model
+from server.engine.sampling import Sampling, sample, vocabulary_mask
+from server.model.loader import load_model
 from tests.conftest import cpu_plan
 
 GREEDY = dict(temperature=0.0)

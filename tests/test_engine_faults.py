@@ -6,10 +6,10 @@ import pytest
 import requests
 import torch
 
-from server.budget import GenerationRequest
+from server.engine.budget import GenerationRequest
 from server.engine import NotReady
 from server.engine import sequence as sequence_module
-from server.generate import Sampling, logits_to_probs, sample
+from server.engine.sampling import Sampling, logits_to_probs, sample
 
 GREEDY = dict(temperature=0.0)
 # Inside the allowed ranges, yet each broke sampling: top_p this small is 0 in float32, and every token was dropped

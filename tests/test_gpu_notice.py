@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from server import gpu
+from server.setup import gpu
 from server.config import Settings
 from server.engine import Engine
 from server.startup import load_for

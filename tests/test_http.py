@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from server.budget import GenerationRequest
+from server.engine.budget import GenerationRequest
 from server.engine import Engine
 
 
@@ -392,7 +392,7 @@ def test_api_key_guards_everything_but_index_and_health(serve, engine):
 def test_render_refuses_huge_text_and_never_takes_more_than_two_threads(server, monkeypatch):
     import threading
 
-    from server import web
+    from server.web import page as web
 
     r = requests.post(server.url + "/ui/render", json={"text": "|a|b|\n" * 20_000})
     assert r.status_code == 413 and "at most 64000" in r.json()["message"]
@@ -418,7 +418,7 @@ def test_render_refuses_huge_text_and_never_takes_more_than_two_threads(server, 
 
 def test_exposed_host_logs_a_warning(caplog):
     from server.config import Settings
-    from server.serve import warn_if_exposed
+    from server.web.serve import warn_if_exposed
 
     warn_if_exposed(Settings(host="127.0.0.1"))
     assert not caplog.records
@@ -455,7 +455,7 @@ def test_delta_mode_streams_only_what_changed_and_adds_up_to_the_seed_stream(ser
 
 
 def test_delta_change_is_an_append_or_the_whole_text():
-    from server.seed_api import change
+    from server.web.original_api import change
 
     assert change("abc", "abcd") == {"delta": "d"}
     assert change("", "x") == {"delta": "x"}

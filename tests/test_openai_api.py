@@ -6,9 +6,9 @@ import openai
 import pytest
 import requests
 
-from server.budget import GenerationRequest
-from server.openai_api import to_rounds
-from server.validation import ApiError
+from server.engine.budget import GenerationRequest
+from server.web.openai_api import to_rounds
+from server.web.validation import ApiError
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_stop_strings_cut_before_the_stop(client):
 
 
 def test_max_tokens_gives_length_and_eos_gives_stop(client, serve_api, engine_for, eos_checkpoint):
-    from server.model import load_model
+    from server.model.loader import load_model
     from tests.conftest import cpu_plan
 
     result = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],

@@ -6,9 +6,9 @@ import pytest
 import requests
 import torch
 
-from server.budget import GenerationRequest
+from server.engine.budget import GenerationRequest
 from server.engine.prefix_cache import PrefixCache, common_prefix
-from server.tokenizer import ChatGLM2Tokenizer
+from server.model.tokenizer import ChatGLM2Tokenizer
 from tests.conftest import REAL_TOKENIZER
 from tests.test_http import parse_sse
 

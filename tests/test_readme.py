@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from server.app import create_app
+from server.web.app import create_app
 from server.cli import build_parser
 from server.config import Settings
 from server.engine import Engine

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from server.tokenizer import ChatGLM2Tokenizer, chat_text, clean_reply
+from server.model.tokenizer import ChatGLM2Tokenizer, chat_text, clean_reply
 from tests.conftest import REAL_TOKENIZER
 
 needs_real = pytest.mark.skipif(not REAL_TOKENIZER.exists(), reason="the real ChatGLM2 tokenizer.model is absent")

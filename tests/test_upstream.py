@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from server.budget import GenerationRequest
+from server.engine.budget import GenerationRequest
 from server.upstream import UpstreamEngine, pool
 from server.upstream.engine import banned_ids, completion_body
 from tests.test_http import parse_sse, wait_until_idle

@@ -104,7 +104,7 @@ def test_send_streams_the_reply_progressively(ui, engine_for, tiny_model):
     assert len(set(seen)) >= 20  # many partial replies, not one at the end
     assert u.streams[-1] == {"query": "你好", "history": [], "answer_prefix": "", "max_length": CONTEXT,
                              "top_p": 0.7, "temperature": 0, "delta": True}
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
     expected = engine_for(tiny_model).submit(GenerationRequest(query="你好", max_length=CONTEXT, temperature=0)).wait()
     assert u.bot_texts()[-1].strip() == expected.text  # rendered Markdown ends with a newline
     assert "tokens/s" in u.page.inner_text("#status")
@@ -158,7 +158,7 @@ def test_the_next_turn_from_the_page_reuses_the_conversation(ui, engine_for, eos
     """The page sends the history as it shows it; the server's prefix cache finds the earlier turn in it."""
     import re
 
-    from server.model import load_model
+    from server.model.loader import load_model
     from tests.conftest import cpu_plan
 
     caplog.set_level("INFO", logger="server.requests")
@@ -594,7 +594,7 @@ def test_empty_state_shows_the_model_and_examples(ui):
 def test_queued_and_thinking_feedback(ui, engine_for, slow_model):
     engine = engine_for(slow_model, max_batch=1)
     u = ui(engine)
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
     blocker = engine.submit(GenerationRequest(query="占着模型", max_new_tokens=60))
     u.send("我排队", wait=False)
     u.page.wait_for_function("document.querySelector('#status').textContent.includes('排队中')")
@@ -685,7 +685,7 @@ def test_the_page_on_a_front_end_says_when_its_backend_is_away_and_goes_on_after
         browser, serve, serve_standin, front_for, engine_for, slow_model, monkeypatch):
     """A front end (--backend) over a stand-in engine: chat works, the engine goes away (the page says so in
     Chinese and keeps the question), the engine comes back on its port (the page goes on by itself)."""
-    from server.budget import GenerationRequest
+    from server.engine.budget import GenerationRequest
     from server.upstream import pool
     from tests.wine_helpers import free_port
 

@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from server.engine import Engine
-from server.model import load_model
-from server.profiles import Plan
+from server.model.loader import load_model
+from server.model.profiles import Plan
 from tests.fake_hub import FakeHub
 from tests.test_http import parse_sse
 from tests.wine_helpers import free_port, run_bat, stop, unzip, wait_for_health, wine_prefix

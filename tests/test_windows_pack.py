@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server import install_deps
+from server.setup import install_deps
 from tests.wine_helpers import free_port, run_bat, stop, unzip, wait_for_health, wine_prefix
 from tools import build_pack
 
@@ -241,7 +241,7 @@ def test_bundle_layout(small_bundle):
         assert any(re.fullmatch(top + r"wheels/waitress-[\d.]+-py3-none-any\.whl", n) for n in names)
         for name in BATS + ["settings.ini", "使用说明.txt", "requirements.txt", "README.md", "THUDM/README.md",
                             "system/README.md", "system/lock/others.txt", "system/lock/torch.txt",
-                            "server/__main__.py", "server/webui/app.js", "system/python.exe",
+                            "server/__main__.py", "server/web/webui/app.js", "system/python.exe",
                             "system/python310.zip", "system/Lib/site-packages/flask/__init__.py"]:
             assert top + name in names, name
         assert names == sorted(names) and all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in infos)

@@ -24,9 +24,9 @@ import time
 
 from flask import Flask, Response, jsonify, request
 
-from server.budget import FittedPrompt, GenerationRequest
+from server.engine.budget import FittedPrompt, GenerationRequest
 from server.engine import Engine, EngineBusy, Finished, Job
-from server.streaming import client_watcher, follow
+from server.web.relay import client_watcher, follow
 
 
 class StandIn:

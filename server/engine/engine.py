@@ -16,12 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..budget import FittedPrompt, GenerationRequest, fit_prompt
+from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from ..config import UserError
 from .jobs import Job
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
-    from ..model import LoadedModel
+    from ..model.loader import LoadedModel
     from .batch import Batch
     from .prefix_cache import PrefixCache
 
@@ -73,7 +73,7 @@ class Engine:
 
     def attach(self, loaded: LoadedModel) -> None:
         """Take a loaded model, size the batch and the prefix cache, and start the worker."""
-        from ..generate import vocabulary_mask
+        from .sampling import vocabulary_mask
         from .batch import Batch
         from .prefix_cache import PrefixCache
 
@@ -235,7 +235,7 @@ class Engine:
     def _start(self, job: Job) -> None:
         """Run a job's prompt (after what the prefix cache holds of it) and sample its first token; it then
         joins the batch unless that token already ends it."""
-        from ..generate import prefill
+        from .sampling import prefill
         from .batch import cache_from
         from .sequence import Sequence
 
@@ -365,7 +365,7 @@ def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:
     """Keys and values of one token in every layer, in the compute dtype."""
-    from ..model import DTYPES
+    from ..model.loader import DTYPES
 
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -387,7 +387,7 @@ def free_memory(device: str) -> int | None:
 
 def default_prompt_cache_mb() -> int:
     """1 GiB (~37,000 tokens of ChatGLM2-6B's 16-bit keys and values), a sixteenth of the RAM on smaller PCs."""
-    from ..profiles import total_ram
+    from ..model.profiles import total_ram
 
     ram = total_ram()
     return 1024 if not ram else int(min(1024, ram / 16 / 1024**2))

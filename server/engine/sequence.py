@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from ..generate import Sampling, new_generator, sample
-from ..tokenizer import ChatGLM2Tokenizer
+from .sampling import Sampling, new_generator, sample
+from ..model.tokenizer import ChatGLM2Tokenizer
 from .jobs import Job, apply_stop
 
 

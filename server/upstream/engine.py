@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
+from ..engine.budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
 from ..engine.engine import EngineBusy, NotReady, load_in_background
 from ..engine.jobs import Job, apply_stop
-from ..tokenizer import ChatGLM2Tokenizer
+from ..model.tokenizer import ChatGLM2Tokenizer
 from . import client
 from .pool import Pool, Upstream
 

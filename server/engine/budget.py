@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .tokenizer import ChatGLM2Tokenizer, round_text
+from ..model.tokenizer import ChatGLM2Tokenizer, round_text
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow to inf and softmax gives nan
 

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from .config import Settings, UserError
-from .checkpoint import CACHE_NAME, missing_files
+from ..config import Settings, UserError
+from ..model.checkpoint import CACHE_NAME, missing_files
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, origin
-from .config import Settings
-from .engine import Engine
+from .. import __version__
+from . import origin
+from ..config import Settings
+from ..engine import Engine
 from .validation import ApiError
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ KEYED_UI = ("/ui/render",)  # costs CPU: only for callers with the key
 
 def create_app(settings: Settings, engine: Engine) -> Flask:
     from .openai_api import bp as openai_bp
-    from .seed_api import bp as seed_bp
-    from .web import bp as web_bp
+    from .original_api import bp as seed_bp
+    from .page import bp as web_bp
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -11,10 +11,10 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from .budget import GenerationRequest
-from .engine import Finished, Job, Update
-from .streaming import client_watcher, event_stream, follow, sse, submit, wait_for
-from .tokenizer import clean_continuation
+from ..engine.budget import GenerationRequest
+from ..engine import Finished, Job, Update
+from .relay import client_watcher, event_stream, follow, sse, submit, wait_for
+from ..model.tokenizer import clean_continuation
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")

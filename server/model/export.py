@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .convert import ensure_converted
-from .model import DTYPES
+from .loader import DTYPES
 from .tokenizer import EOS_ID, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from logging.handlers import RotatingFileHandler
 import waitress
 
 from .app import create_app
-from .config import PROJECT_ROOT, Settings, UserError
-from .startup import make_engine
-from .streaming import chatlog
+from ..config import PROJECT_ROOT, Settings, UserError
+from ..startup import make_engine
+from .relay import chatlog
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import UserError
+from ..config import UserError
 
 INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")

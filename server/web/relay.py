@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 
 from flask import Response
 
-from .budget import ContextOverflow, GenerationRequest
-from .engine import Engine, EngineBusy, Finished, Job, NotReady, Update
-from .upstream import UpstreamRejected
+from ..engine.budget import ContextOverflow, GenerationRequest
+from ..engine import Engine, EngineBusy, Finished, Job, NotReady, Update
+from ..upstream import UpstreamRejected
 from .validation import ApiError
 
 log = logging.getLogger("server.requests")

@@ -1,4 +1,4 @@
-"""`python -m server.install_deps` (what setup_offline.bat runs): install or repair the packages of the bundle's
+"""`python -m server.setup.install_deps` (what setup_offline.bat runs): install or repair the packages of the bundle's
 embedded Python, exactly as the bundle's hashed lock says.
 
 - pip itself is bootstrapped from the bundled pip wheel when `python -m pip` is missing (the embeddable Python
@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import PROJECT_ROOT
+from ..config import PROJECT_ROOT
 from .gpu import CUDA_INDEX, nvidia_gpus
 
 LOCK_DIR = Path("system") / "lock"  # torch.txt (the torch pin of the lock) and others.txt (the rest)

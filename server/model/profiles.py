@@ -9,7 +9,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .config import Settings
+from ..config import Settings
 
 log = logging.getLogger(__name__)
 
