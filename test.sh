@@ -31,6 +31,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -r requirements.txt -r requirements-dev.txt
 
+ruff check .  # the lint rules in pyproject.toml
 python -m pytest "$@"
 
 # The Windows bundle (Python 3.10) pins an older transformers: run the model tests again with that version.

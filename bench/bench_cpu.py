@@ -111,12 +111,13 @@ def quality_ids(tokenizer) -> list[int]:
 # -- one configuration, in its own process -----------------------------------------------------------------------
 def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference: Path) -> dict:
     import torch
+    from transformers import DynamicCache
 
+    from server.engine.sampling import Sampling, generate_ids
     from server.model.convert import ensure_converted
-    from server.engine.sampling import Sampling, generate_ids, prefill
+    from server.model.forward import prefill
     from server.model.loader import cache_format, load_model
     from server.model.profiles import Plan
-    from transformers import DynamicCache
 
     peaks = MemoryPeaks()
     backend, bits = config.removesuffix(":convert").split("-")

@@ -11,8 +11,8 @@ validates, fits and formats the prompt, relays every event and reframes it. Both
 tokens (the random tiny model never ends early). Printed per N: aggregate tokens/s, median time to the first
 token, the ratio front end / direct measured in the same run (1.0 = no cost), and the front end process's CPU
 time per relayed token (what bounds it when the engine is faster than one core of Python can relay). The
-front end runs as its own process, as it does for a user; the stand-in engine (tests/upstream_standin.py) batches like a real one and its
-pace is set with --pace-ms (a 6B model on a GPU steps in ~15-30 ms).
+front end runs as its own process, as it does for a user; the stand-in engine (tests/upstream_standin.py) batches
+like a real one and its pace is set with --pace-ms (a 6B model on a GPU steps in ~15-30 ms).
 """
 
 from __future__ import annotations

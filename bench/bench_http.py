@@ -59,10 +59,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path)
     args = parser.parse_args()
 
-    from server.web.app import create_app
     from server.config import Settings
     from server.engine import Engine
     from server.model.loader import load_model
+    from server.web.app import create_app
     from server.web.serve import make_server
 
     folder = prepare_checkpoint(args.dir, args.layers, args.device)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .engine.budget import ContextOverflow, GenerationRequest
 from .config import Settings
 from .engine import Update
+from .engine.budget import ContextOverflow, GenerationRequest
 from .startup import make_engine
 
 HELP = "输入问题后回车；clear 清空历史，exit 退出，Ctrl+C 停止当前回答。\n" \

@@ -8,8 +8,17 @@ import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
-from .config import (ENV_PREFIX, PROJECT_ROOT, SETTINGS_FILE, Settings, UserError, from_env, from_file, parse_value,
-                     settings_fields)
+from .config import (
+    ENV_PREFIX,
+    PROJECT_ROOT,
+    SETTINGS_FILE,
+    Settings,
+    UserError,
+    from_env,
+    from_file,
+    parse_value,
+    settings_fields,
+)
 
 log = logging.getLogger("server")
 LOG_PATH = PROJECT_ROOT / "server.log"
@@ -80,8 +89,8 @@ def run_export(settings: Settings, target: str | None) -> int:
     """Download what is missing, convert once, and write the export folder."""
     if not target:
         raise UserError("导出需要目标文件夹 / export needs a folder: python -m server export DIR")
-    from .setup.bootstrap import ensure_model
     from .model.export import export
+    from .setup.bootstrap import ensure_model
 
     ensure_model(settings)
     try:
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(settings)
         if args.command == "export":
             return run_export(settings, args.target)
-        from .web.serve import run_server
+        from .run import run_server
 
         return run_server(settings)
     except UserError as exc:

@@ -91,7 +91,7 @@ class Settings:
     open_browser: bool = option(False, "open the chat page /ui/ in the default browser once the server listens")
     chatlog: bool = option(True, "write full queries and replies to chatlog.log (--no-chatlog turns it off)")
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

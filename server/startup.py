@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .setup.bootstrap import Report, ensure_model
 from .config import Settings, UserError
-from .setup.gpu import unused_gpu_notice
 from .model.profiles import plan_for, probe_hardware
+from .setup.bootstrap import Report, ensure_model
+from .setup.gpu import unused_gpu_notice
 
 log = logging.getLogger(__name__)
 

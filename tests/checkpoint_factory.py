@@ -21,8 +21,10 @@ from pathlib import Path
 import sentencepiece
 import torch
 
-WORDS_ZH = "你好 世界 今天 天气 怎么样 有什么 可以 帮 你 的 吗 我 是 一个 语言 模型 问题 答案 中国 北京 学习 时间".split()
-WORDS_EN = "hello world the model answer question weather today good time learn language chat server".split()
+WORDS_ZH = ["你好", "世界", "今天", "天气", "怎么样", "有什么", "可以", "帮", "你", "的", "吗", "我", "是", "一个",
+            "语言", "模型", "问题", "答案", "中国", "北京", "学习", "时间"]
+WORDS_EN = ["hello", "world", "the", "model", "answer", "question", "weather", "today", "good", "time", "learn",
+            "language", "chat", "server"]
 
 TINY = dict(hidden_size=64, num_layers=2, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
             ffn_hidden_size=128, seq_length=2048)
@@ -134,7 +136,7 @@ def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, sh
         shard_name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
         part = dict(itertools.islice(tensors, per_shard))
         torch.save(part, folder / shard_name)
-        weight_map.update({n: shard_name for n in part})
+        weight_map.update(dict.fromkeys(part, shard_name))
         total += sum(t.numel() * t.element_size() for t in part.values())
         del part
     (folder / "pytorch_model.bin.index.json").write_text(

@@ -88,8 +88,8 @@ class LiveServer:
     def __init__(self, engine, app=None, **settings):
         import threading
 
-        from server.web.app import create_app
         from server.config import Settings
+        from server.web.app import create_app
         from server.web.serve import make_server
 
         self.engine = engine

@@ -9,8 +9,8 @@ import pytest
 import requests
 import torch
 
-from server.engine.budget import GenerationRequest
 from server.engine import engine as engine_module
+from server.engine.budget import GenerationRequest
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
 from tests.test_http import parse_sse

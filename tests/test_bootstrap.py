@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from server.setup import bootstrap
-from server.setup.bootstrap import DownloadError, ensure_model
 from server.config import Settings, from_env
 from server.engine import Engine
+from server.setup import bootstrap
+from server.setup.bootstrap import DownloadError, ensure_model
 from server.startup import load_for
 from tests.fake_hub import FakeHub
 

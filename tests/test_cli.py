@@ -106,7 +106,7 @@ def test_open_browser_opens_the_chat_page_once_listening(tmp_path):
 
 def test_http_layer_starts_without_the_model_stack():
     """The server answers HTTP before torch & co. are imported (and on machines where they fail to import)."""
-    code = ("import sys, server.web.serve, server.cli, server.chat; "
+    code = ("import sys, server.run, server.cli, server.chat; "
             "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

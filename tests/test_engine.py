@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from server.engine.budget import ContextOverflow, GenerationRequest
 from server.engine import EngineBusy, Update, apply_stop
+from server.engine.budget import ContextOverflow, GenerationRequest
 from server.engine.sampling import Sampling, sample, vocabulary_mask
 from server.model.loader import load_model
 from tests.conftest import cpu_plan

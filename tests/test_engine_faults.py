@@ -6,9 +6,9 @@ import pytest
 import requests
 import torch
 
-from server.engine.budget import GenerationRequest
 from server.engine import NotReady
 from server.engine import sequence as sequence_module
+from server.engine.budget import GenerationRequest
 from server.engine.sampling import Sampling, logits_to_probs, sample
 
 GREEDY = dict(temperature=0.0)

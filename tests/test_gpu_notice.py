@@ -9,9 +9,9 @@ import sys
 import pytest
 import requests
 
-from server.setup import gpu
 from server.config import Settings
 from server.engine import Engine
+from server.setup import gpu
 from server.startup import load_for
 
 SMI_OUTPUT = "GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-5a1c3e9e-0000-0000-0000-000000000000)"

@@ -8,8 +8,8 @@ import time
 import pytest
 import requests
 
-from server.engine.budget import GenerationRequest
 from server.engine import Engine
+from server.engine.budget import GenerationRequest
 
 
 def parse_sse(raw: bytes):
@@ -418,7 +418,7 @@ def test_render_refuses_huge_text_and_never_takes_more_than_two_threads(server, 
 
 def test_exposed_host_logs_a_warning(caplog):
     from server.config import Settings
-    from server.web.serve import warn_if_exposed
+    from server.run import warn_if_exposed
 
     warn_if_exposed(Settings(host="127.0.0.1"))
     assert not caplog.records

@@ -3,10 +3,10 @@
 import re
 from pathlib import Path
 
-from server.web.app import create_app
 from server.cli import build_parser
 from server.config import Settings
 from server.engine import Engine
+from server.web.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -24,8 +24,8 @@ import time
 
 from flask import Flask, Response, jsonify, request
 
-from server.engine.budget import FittedPrompt, GenerationRequest
 from server.engine import Engine, EngineBusy, Finished, Job
+from server.engine.budget import FittedPrompt, GenerationRequest
 from server.web.relay import client_watcher, follow
 
 

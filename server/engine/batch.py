@@ -3,8 +3,9 @@
 Decoding is bound by reading the weights, so one step for several sequences costs little more than a step for
 one (README, Performance). Rows have different lengths: shorter rows are padded on the left, each row's position
 ids count only its own tokens, and attention runs row by row on each row's own keys (`rows_attention`), so a
-row's logits are bit for bit those it gets alone wherever the linear layers are row-independent (README). A joining row pads whichever side is shorter; rows that end are dropped, and padding that no
-row needs any more is cut off. Nothing here writes into a cache tensor in place (the cache only concatenates),
+row's logits are bit for bit those it gets alone wherever the linear layers are row-independent (README). A
+joining row pads whichever side is shorter; rows that end are dropped, and padding that no row needs any more is
+cut off. Nothing here writes into a cache tensor in place (the cache only concatenates),
 which lets a row start from tensors the prefix cache still holds.
 """
 
@@ -15,9 +16,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .sampling import CACHE_ARG
+from ..model.forward import CACHE_ARG
 from .sequence import Sequence
-
 
 ATTENTION = "chatglm2_rows"
 

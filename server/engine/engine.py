@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from ..config import UserError
+from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from .jobs import Job
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
@@ -66,16 +66,16 @@ class Engine:
         self._mask = None  # added to logits: bans ids the tokenizer cannot show
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def load_in_background(self, loader: Callable[["Engine"], LoadedModel],
+    def load_in_background(self, loader: Callable[[Engine], LoadedModel],
                            on_ready: Callable[[LoadedModel], None] | None = None) -> threading.Thread:
         """Run `loader(engine)` on a thread (it may report progress through set_state) and start serving."""
         return load_in_background(self, loader, on_ready)
 
     def attach(self, loaded: LoadedModel) -> None:
         """Take a loaded model, size the batch and the prefix cache, and start the worker."""
-        from .sampling import vocabulary_mask
         from .batch import Batch
         from .prefix_cache import PrefixCache
+        from .sampling import vocabulary_mask
 
         self.loaded = loaded
         tok = loaded.tokenizer
@@ -235,7 +235,7 @@ class Engine:
     def _start(self, job: Job) -> None:
         """Run a job's prompt (after what the prefix cache holds of it) and sample its first token; it then
         joins the batch unless that token already ends it."""
-        from .sampling import prefill
+        from ..model.forward import prefill
         from .batch import cache_from
         from .sequence import Sequence
 

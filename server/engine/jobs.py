@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .budget import FittedPrompt, GenerationRequest
 from ..model.tokenizer import clean_reply
+from .budget import FittedPrompt, GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The decode steps of one sequence: logits -> probabilities -> sample; prefill; decode one token.
+"""Sampling: logits -> probabilities -> a token, and the plain decode loop of one sequence.
 
-The engine schedules these steps for many sequences at once (engine/); `generate_ids` is the plain loop for one
-sequence, used by the benchmarks as the reference the engine is compared with.
+The engine schedules the model's steps (model/forward.py) for many sequences at once; `generate_ids` is the plain
+loop for one sequence, used by the benchmarks as the reference the engine is compared with.
 """
 
 from __future__ import annotations
@@ -9,16 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import inspect
-
 import torch
-from transformers import DynamicCache, GlmForCausalLM
+from transformers import DynamicCache
 
+from ..model.forward import decode_one_token, prefill
 from .budget import MIN_TEMPERATURE
 
-# transformers renamed `past_key_values` to `cache` after 5.20 (the Python 3.10 bundle pins 5.20.x): use what
-# this version takes. The cache object is updated in place, so it is passed in and never read back from outputs.
-CACHE_ARG = "cache" if "cache" in inspect.signature(GlmForCausalLM.forward).parameters else "past_key_values"
 
 @dataclass(frozen=True)
 class Sampling:
@@ -62,22 +58,6 @@ def new_generator(sampling: Sampling, device) -> torch.Generator | None:
     generator = torch.Generator(device=device)
     generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     return generator
-
-
-def forward(model, ids: list[int], cache) -> torch.Tensor:
-    """Run `ids` after what `cache` holds; return the logits of the last position [vocab]."""
-    input_ids = torch.tensor([ids], device=model.device)
-    # logits_to_keep=1: a long prompt would otherwise materialise [prompt, vocab] logits for nothing
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: cache})
-    return out.logits[0, -1]
-
-
-def prefill(model, prompt_ids: list[int], cache) -> torch.Tensor:
-    return forward(model, prompt_ids, cache)
-
-
-def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
-    return forward(model, [token_id], cache)
 
 
 def vocabulary_mask(vocab_size: int, first_special_id: int, eos_id: int, device) -> torch.Tensor:

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from .sampling import Sampling, new_generator, sample
 from ..model.tokenizer import ChatGLM2Tokenizer
 from .jobs import Job, apply_stop
+from .sampling import Sampling, new_generator, sample
 
 
 class Sequence:

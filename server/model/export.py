@@ -112,7 +112,7 @@ def write_weights(converted: Path, out: Path, dtype: torch.dtype) -> None:
     for i, (path, names) in enumerate(shards, start=1):
         final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         path.rename(out / final)
-        weight_map.update({name: final for name in names})
+        weight_map.update(dict.fromkeys(names, final))
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 

@@ -171,7 +171,7 @@ def warm_up(model, tokenizer: ChatGLM2Tokenizer) -> None:
     """Run a prompt long enough for the prefill path, then one decode step (one-time set-up happens here)."""
     from transformers import DynamicCache
 
-    from ..engine.sampling import decode_one_token, prefill
+    from .forward import decode_one_token, prefill
 
     length = min(DENSE_FROM_TOKENS.values())  # int4's kernel path, torch int8's dense path (oneDNN has no other)
     ids = (tokenizer.prompt_prefix() + tokenizer.sp.encode("你好 hello " * length))[:length]

@@ -14,7 +14,7 @@ TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
 TRAINING_DATE = "2023年"
 
 
-def load_tokenizer(model_dir: str | Path) -> "ChatGLM2Tokenizer":
+def load_tokenizer(model_dir: str | Path) -> ChatGLM2Tokenizer:
     """The tokenizer of a model folder, or a ValueError that says what to do."""
     path = Path(model_dir) / "tokenizer.model"
     try:
@@ -60,7 +60,7 @@ class ChatGLM2Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.first_special_id])
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 

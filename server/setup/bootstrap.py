@@ -158,7 +158,7 @@ def fetch_all(settings: Settings, commit: str, files: list[RemoteFile], report: 
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"总计 Total ({len(files)} files)", position=0) as overall:
         done = 0  # bytes of the files already finished
         for f in files:
-            def progress(n, f=f):  # n: bytes of this file so far (a re-fetch starts again from 0)
+            def progress(n, f=f, done=done):  # n: bytes of this file so far (a re-fetch starts again from 0)
                 if done + min(n, f.size) == overall.n:
                     return  # nothing new: each value (100 % too) is reported once
                 overall.n = done + min(n, f.size)

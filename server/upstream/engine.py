@@ -78,7 +78,7 @@ class UpstreamEngine:
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def load_in_background(self, loader: Callable[["UpstreamEngine"], ChatGLM2Tokenizer],
+    def load_in_background(self, loader: Callable[[UpstreamEngine], ChatGLM2Tokenizer],
                            on_ready: Callable[[FrontEnd], None] | None = None) -> threading.Thread:
         """Run `loader(engine)` (the tokenizer, downloaded if missing) on a thread, then ask the upstreams."""
         return load_in_background(self, loader, on_ready)

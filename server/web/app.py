@@ -12,9 +12,9 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
-from . import origin
 from ..config import Settings
 from ..engine import Engine
+from . import origin
 from .validation import ApiError
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..engine.budget import GenerationRequest
 from ..engine import Finished, Job, Update
-from .relay import client_watcher, event_stream, follow, sse, submit, wait_for
+from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
+from .relay import client_watcher, event_stream, follow, sse, submit, wait_for
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..engine.budget import GenerationRequest
 from ..engine import Engine, Finished, Job, Update
+from ..engine.budget import GenerationRequest
 from .relay import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
 from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
 

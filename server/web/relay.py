@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 
 from flask import Response
 
-from ..engine.budget import ContextOverflow, GenerationRequest
 from ..engine import Engine, EngineBusy, Finished, Job, NotReady, Update
+from ..engine.budget import ContextOverflow, GenerationRequest
 from ..upstream import UpstreamRejected
 from .validation import ApiError
 
 log = logging.getLogger("server.requests")
-chatlog = logging.getLogger("server.chatlog")  # full texts; a rotating file set up by serve.py
+chatlog = logging.getLogger("server.chatlog")  # full texts; a rotating file set up by run.py
 chatlog.propagate = False
 
 POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is still there

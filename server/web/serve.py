@@ -1,24 +1,12 @@
-"""`python -m server`: listen at once, load the model in the background, serve the API with waitress."""
+"""The waitress server: an exclusive listening socket, threads for streams, disconnects reported to the app."""
 
 from __future__ import annotations
 
-import ipaddress
-import logging
 import socket
-import threading
-import webbrowser
-from logging.handlers import RotatingFileHandler
 
 import waitress
 
-from .app import create_app
-from ..config import PROJECT_ROOT, Settings, UserError
-from ..startup import make_engine
-from .relay import chatlog
-
-log = logging.getLogger(__name__)
-
-CHATLOG_PATH = PROJECT_ROOT / "chatlog.log"
+from ..config import Settings, UserError
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -63,50 +51,3 @@ def make_server(app, settings: Settings):
                         "The port may be in use (is the server already running?): choose another port in "
                         "settings.ini or with --port.") \
             from exc
-
-
-def run_server(settings: Settings) -> int:
-    warn_if_exposed(settings)
-    if settings.chatlog:
-        handler = RotatingFileHandler(CHATLOG_PATH, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        chatlog.addHandler(handler)
-        chatlog.setLevel(logging.INFO)
-    engine, loader = make_engine(settings)
-    server = make_server(create_app(settings, engine), settings)
-    url = f"http://{browser_host(settings.host)}:{server.effective_port}"
-
-    def ready(loaded) -> None:
-        plan = loaded.plan
-        log.info("模型已就绪 / The model is ready: chat at %s/ui/ (%s, %s, context %d tokens)", url, plan.device,
-                 plan.precision, plan.max_context)
-
-    engine.load_in_background(loader, on_ready=ready)
-    log.info("listening on %s; chat page %s/ui/ (the model loads in the background; see /health)", url, url)
-    if settings.open_browser:
-        # the page shows download and loading progress itself; on a thread, since a console browser (lynx, w3m)
-        # would otherwise hold the server until it exits
-        threading.Thread(target=webbrowser.open, args=(url + "/ui/",), daemon=True).start()
-    try:
-        server.run()
-    finally:
-        engine.close()
-    return 0
-
-
-def browser_host(host: str) -> str:
-    """An address a browser on this machine can open for a listening host."""
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
-
-
-def warn_if_exposed(settings: Settings) -> None:
-    try:
-        loopback = ipaddress.ip_address(settings.host).is_loopback
-    except ValueError:
-        loopback = settings.host == "localhost"
-    if loopback:
-        return
-    log.warning("listening on %s: other machines on the network can reach this server%s", settings.host,
-                "" if settings.api_key else "; anyone can use it (set --api-key to require a key)")
