@@ -60,10 +60,11 @@ class Settings:
     )
     cpu_backend: str = option(
         "auto",
-        "what runs 4/8-bit weights on the CPU, both quantized once and cached: torch = torch's own kernels "
-        "(8-bit on oneDNN's int8 GEMM; fastest, ready in seconds); bnb = bitsandbytes (NF4 / LLM.int8); auto = "
-        "torch, or bnb with --dtype float32 (see README, Performance)",
-        choices=("auto", "torch", "bnb"),
+        "what runs 4/8-bit weights on the CPU, quantized once and cached: torch = torch's own kernels; onednn = "
+        "the same, 8-bit on oneDNN's int8 GEMM (refused where it is not exact: CPUs without VNNI); bnb = "
+        "bitsandbytes (NF4 / LLM.int8); auto = torch's kernels, 8-bit on whichever int8 kernel is measured faster "
+        "at start, or bnb with --dtype float32 (see docs/performance.md)",
+        choices=("auto", "torch", "onednn", "bnb"),
     )
     backend: str | None = option(
         None, "generate on OpenAI-compatible engines (vLLM, SGLang, llama.cpp's server) instead of a local model: "

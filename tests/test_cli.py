@@ -8,6 +8,7 @@ import pytest
 
 from server.cli import build_parser, settings_from
 from server.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, Settings
+from server.model.cpu_kernels import KernelChoice
 from server.model.profiles import GIB, Hardware, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,40 +115,43 @@ def test_http_layer_starts_without_the_model_stack():
 
 @pytest.mark.parametrize("asked, bits, expected", [
     ("auto", 4, "torch"), ("auto", 8, "torch"), ("torch", 4, "torch"), ("bnb", 8, "bnb"), ("bnb", 4, "bnb"),
+    ("onednn", 8, "torch"),  # torch's kernels, 8-bit on oneDNN's
 ])
 def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expected):
     plan = plan_for(Settings(cpu_backend=asked, quantize=bits), CPU)
     assert plan.device == "cpu" and plan.bits == bits and plan.backend == expected
+    assert plan.int8_kernel == (asked if asked in ("torch", "onednn") else "auto")
     assert plan_for(Settings(cpu_backend=asked, quantize=16), CPU).backend == "dense"
     gpu = Hardware(cuda=True, free_bytes=6 * GIB, name="RTX 3060")
     assert plan_for(Settings(cpu_backend=asked), gpu).backend == "bnb"  # the setting is about the CPU only
 
 
-@pytest.mark.parametrize("platform, fast_int8, ram_gib, profile", [
-    ("linux", True, 15.7, "mid"), ("linux", True, 8, "low"), ("linux", False, 64, "low"),  # a "16 GB" PC: 8-bit
-    ("win32", True, 15.7, "mid"), ("win32", True, 8, "low"),
-    ("win32", False, 32, "high"), ("win32", False, 15.7, "mid"), ("win32", False, 8, "low"),
+def kernels(int8: float, int4: float, bf16: float = 20.0) -> KernelChoice:
+    """Measured speeds (ms per matrix for one token) as cpu_kernels.measure() reports them."""
+    return KernelChoice(int8="torch", dense_from_tokens={8: 32, 4: 128},
+                        decode_ms={"int8-torch": int8, "int4": int4, "bfloat16": bf16})
+
+
+@pytest.mark.parametrize("platform, speeds, ram_gib, profile", [
+    ("linux", kernels(5.0, 5.2), 15.7, "mid"),  # plain AVX2 (Zen 3): 8-bit as fast as 4-bit, better quality
+    ("linux", kernels(5.0, 4.8), 15.7, "mid"),  # within 10 %: more bits
+    ("linux", kernels(10.0, 5.0), 15.7, "low"),  # int8 kernel twice as slow: 4-bit
+    ("linux", kernels(5.0, 5.2), 8, "low"),  # 8-bit does not fit
+    ("linux", kernels(5.0, 5.2, bf16=5.1), 64, "high"),  # bfloat16 as fast, RAM for it
+    ("win32", kernels(5.0, 20.0), 12, "mid"), ("win32", kernels(5.0, 20.0), 8, "low"),
+    ("win32", kernels(30.0, 40.0, bf16=12.0), 32, "high"),  # torch's Windows kernels slow, bfloat16 fits
+    ("linux", None, 15.7, "mid"), ("linux", None, 8, "low"),  # no measurement: 8-bit where it fits
 ])
-def test_cpu_auto_profile_follows_the_cpus_int8_speed_and_the_ram(monkeypatch, platform, fast_int8, ram_gib,
-                                                                  profile):
+def test_cpu_auto_profile_is_the_fastest_precision_that_fits(monkeypatch, platform, speeds, ram_gib, profile):
     import server.model.profiles
 
     monkeypatch.setattr(server.model.profiles.sys, "platform", platform)
-    plan = plan_for(Settings(), Hardware(cuda=False, ram_bytes=int(ram_gib * GIB), fast_int8=fast_int8))
+    plan = plan_for(Settings(), Hardware(cuda=False, ram_bytes=int(ram_gib * GIB), kernels=speeds))
     assert plan.device == "cpu" and plan.profile == profile and plan.dtype == "bfloat16"
     assert plan.bits == {"high": 16, "mid": 8, "low": 4}[profile] and plan.backend == ("dense" if profile == "high"
                                                                                       else "torch")
-
-
-def test_the_int8_probe_finds_oneDNN_fast_on_an_avx512_cpu():
-    import torch
-
-    from server.model import cpu_quant
-
-    assert cpu_quant.onednn_int8()  # torch's x86 builds have oneDNN
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        pytest.skip("measured fast with AVX512 (and VNNI); on other CPUs the probe may rightly say no")
-    assert cpu_quant.onednn_int8_fast()  # 2-3x faster than bfloat16 there (README, Performance)
+    if speeds:
+        assert "ms" in plan.reason  # the figures that decided are in the log line
 
 
 def run_server_until(tmp_path, model_dir, words: str, timeout: float = 120) -> str:

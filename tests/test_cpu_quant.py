@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from server.model import convert, cpu_quant
+from server.model import convert, cpu_kernels, cpu_quant
 from server.model.cpu_quant import dequantize_int4, int4_block_rows, quantize_int4, quantize_int8
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
@@ -84,10 +84,8 @@ def test_the_exactness_probe_tells_where_onednn_int8_is_usable(weight):
     """On plain AVX2 oneDNN's int8 saturates int16 sums: the probe must say so, and then nothing uses it."""
     exact = cpu_quant.onednn_int8_exact()
     assert exact == (onednn_error(weight * 20) < 0.01)  # large activations x weights make pairs overflow int16
-    layer = cpu_quant.Int8Linear(128, 256, bias=False)
-    layer.load_state_dict(dict(zip(["weight_int8", "scales"], quantize_int8(weight))), assign=True)
     if not exact:
-        assert layer.pack() is False and layer.weight_int8 is not None
+        assert "int8-onednn" not in cpu_kernels.measure().decode_ms and cpu_kernels.measure().int8 == "torch"
 
 
 needs_exact_onednn = pytest.mark.skipif(
@@ -162,28 +160,28 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
 
 
 @needs_exact_onednn
-def test_an_int8_model_holds_oneDNN_copies_and_no_mapped_file(tiny_checkpoint, int4_model, monkeypatch):
-    monkeypatch.setattr(cpu_quant, "onednn_int8_fast", lambda: True)  # (this CPU's timing decides otherwise)
-    loaded = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
+def test_an_int8_model_holds_oneDNN_copies_and_no_mapped_file(tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"),
+                                                             int8_kernel="onednn"))
     layers = [m for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
     assert layers and all(m.packed is not None and m.weight_int8 is None for m in layers)
     assert loaded.model.mapped_files == []  # every shard was packed or copied, then unmapped
-    assert int4_model.model.mapped_files  # int4 weights are used where they lie in the file
-    assert int4_model.model.lm_head.packed is not None  # its 8-bit output layer runs on oneDNN too
-
-
-def test_where_onednn_int8_is_slow_the_int8_layers_keep_torchs_kernel(tiny_checkpoint, monkeypatch):
-    fast = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
-    monkeypatch.setattr(cpu_quant, "onednn_int8_fast", lambda: False)  # an AVX2 CPU without VNNI
-    monkeypatch.setattr(cpu_quant.sys, "platform", "linux")  # (on Windows oneDNN is used even then)
-    slow = load_model(tiny_checkpoint, cpu_plan(bits=8, dtype="bfloat16"))
-    layers = [m for m in slow.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
-    assert layers and all(m.packed is None and m.weight_int8 is not None for m in layers)
-    assert slow.model.mapped_files  # torch's kernel reads the int8 weights where they lie
-    ids = torch.tensor([slow.tokenizer.build_prompt("hello world 你好", [])])
+    assert loaded.cpu_kernels["int8"] == "onednn"
+    torch_kernel = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"),
+                                                                   int8_kernel="torch"))
+    ids = torch.tensor([loaded.tokenizer.build_prompt("hello world 你好", [])])
     with torch.no_grad():
-        a, b = fast.model(ids).logits[0, -1].float(), slow.model(ids).logits[0, -1].float()
+        a, b = loaded.model(ids).logits[0, -1].float(), torch_kernel.model(ids).logits[0, -1].float()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999  # the same weights, activations in 16 vs ~16 bits
+
+
+def test_torchs_int8_kernel_reads_the_mapped_weights(tiny_checkpoint, int4_model):
+    loaded = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"),
+                                                             int8_kernel="torch"))
+    layers = [m for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
+    assert layers and all(m.packed is None and m.weight_int8 is not None for m in layers)
+    assert loaded.model.mapped_files and loaded.cpu_kernels["int8"] == "torch"
+    assert int4_model.model.mapped_files  # int4 weights are used where they lie in the file
 
 
 @pytest.mark.parametrize("bits", [8, 4])

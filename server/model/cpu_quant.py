@@ -1,23 +1,21 @@
 """Quantized weights for the CPU, computed once and cached by convert.py, so a later start loads them as they are.
 
 - int8 and int4 linear layers on the quantized matmul kernels that ship with torch (no extra package, no
-  compiler). int8: symmetric per output row (w = q * scale), the CPU's default at 8-bit, multiplied by oneDNN's
-  int8 GEMM (`onednn.qlinear_pointwise`, VNNI or AMX where the CPU has them; oneDNN generates its code at run
-  time, so torch's Windows build gets the same speed). That GEMM takes int8 activations too: each row of
-  activations is quantized twice, the second time its rounding error (see int8_activations), which keeps
-  outlier channels exact to ~1e-4 where one int8 scale per row loses ~10 %. Where this torch lacks oneDNN, or
-  its int8 is slow (plain AVX2; not on Windows, see Int8Linear.pack), the int8 layer uses
-  `aten._weight_int8pack_mm` (bfloat16 activations). int4: `aten._weight_int4pack_mm_for_cpu`,
+  compiler). int8: symmetric per output row (w = q * scale), multiplied by torch's `aten._weight_int8pack_mm`
+  (bfloat16 activations) or by oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) where that is exact (VNNI/AMX:
+  onednn_int8_exact) and faster; cpu_kernels.py times both at load. oneDNN's GEMM takes int8 activations: each
+  row is quantized twice, the second time its rounding error (see int8_activations), which keeps outlier
+  channels exact to ~1e-4 where one int8 scale per row loses ~10 %. int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
-  ~4.5 bits per weight), the CPU's default at 4-bit.
+  ~4.5 bits per weight).
 - bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-backend bnb` at 4-bit: from the
-  cache, from_pretrained needs no quantizing at every start (slower than torch's int4 on the last full-size
-  run: bench/bench_cpu.py).
+  cache, from_pretrained needs no quantizing at every start.
 
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
-weights. A prompt of many tokens is compute-bound instead: there the int4 (and, without oneDNN, the int8) weights
-are expanded to bfloat16 one matrix at a time and multiplied with the oneDNN bfloat16 GEMM, which is faster at
-that size; oneDNN's int8 GEMM is faster than that at every size (bench/bench_cpu.py).
+weights. A prompt of many tokens is compute-bound instead: where the CPU's bfloat16 matmul is faster per row
+than the kernel (AMX, AVX512-BF16), a layer expands its weights to bfloat16 one matrix at a time for prompts of
+`dense_from_tokens` rows or more; cpu_kernels.py measures from how many rows that pays off, and on CPUs without
+fast bfloat16 (plain AVX2) it never does. Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ from torch import nn
 
 GROUP = 32  # int4 weights per scale/zero pair along K
 BLOCK_N = 64  # the int4 packer lays out blocks of this many output rows with AVX512 (half as many with AVX2)
-# From this many tokens on (prefill), expanding the weights to bfloat16 and using the dense GEMM beats the
-# quantized kernel (measured with the 6B shapes: int8 expands in ~90 ms per 100 M weights, int4 in ~170 ms).
+# Until cpu_kernels.py has measured this CPU: from this many rows a prompt expands the weights to bfloat16 (what
+# an AVX512-BF16/AMX CPU measured); the loader sets each layer's own threshold from the measurement.
 DENSE_FROM_TOKENS = {8: 32, 4: 128}
 
 
@@ -174,35 +172,6 @@ def onednn_int8_exact() -> bool:
     return float(y) == 127.0 * 127 * k  # (255 - 128) x 127, k times
 
 
-@functools.cache
-def onednn_int8_fast() -> bool:
-    """Whether oneDNN's int8 GEMM multiplies one token faster than the bfloat16 matmul here. It does with AVX512 or
-    VNNI (2-3x; measured under wine on torch's Windows build too); on AVX2 CPUs without VNNI (older Intel, AMD
-    before Zen 4) oneDNN has no fast int8 matrix-vector code and is ~3x slower than bfloat16 (measured with its
-    ISA capped at AVX2). torch does not say which ISA oneDNN uses, so both are timed once (~0.1 s)."""
-    import time
-
-    if not onednn_int8():
-        return False
-    n, k = 8192, 4096  # 32 MB of int8 weights: read from memory, as in decoding
-    layer = Int8Linear(k, n, bias=False)
-    layer.load_state_dict({"weight_int8": torch.ones(n, k, dtype=torch.int8), "scales": torch.ones(n)}, assign=True)
-    layer.to_onednn()
-    dense = torch.zeros(n, k, dtype=torch.bfloat16)
-    x = torch.ones(1, k, dtype=torch.bfloat16)
-
-    def best(f) -> float:
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return min(times[1:])  # the first call sets up
-
-    with torch.inference_mode():
-        return best(lambda: layer.kernel(x)) < best(lambda: F.linear(x, dense))
-
-
 def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[M, K] activations -> (uint8 [2M, K] with zero point 128, scales s1 [M, 1], s2 [M, 1]).
 
@@ -230,19 +199,12 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, device)
         self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        self.packed: torch.Tensor | None = None  # oneDNN's copy of W (see pack)
-
-    def pack(self) -> bool:
-        """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
-        cached) and release the int8 buffer, whose copy it is. Done where oneDNN's int8 is fast, and on Windows,
-        where torch's own int8 kernel is slower still; never where it is not exact (onednn_int8_exact). False
-        (torch's kernel then) elsewhere."""
-        if not (onednn_int8_exact() and (sys.platform == "win32" or onednn_int8_fast())):
-            return False
-        self.to_onednn()
-        return True
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of W (see to_onednn)
 
     def to_onednn(self) -> None:
+        """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
+        cached) and release the int8 buffer, whose copy it is. Only where oneDNN's int8 is exact and the faster
+        kernel (cpu_kernels.py decides)."""
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, [1, self.in_features])
         self.weight_scales = self.scales.float()
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .convert import ensure_converted
-from .cpu_quant import DENSE_FROM_TOKENS, Int8Linear, swap_linears
+from .cpu_quant import DENSE_FROM_TOKENS, Int4Linear, Int8Linear, onednn_int8_exact, swap_linears
 from .profiles import Plan
 from .tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
@@ -46,6 +47,7 @@ class LoadedModel:
     tokenizer: ChatGLM2Tokenizer
     plan: Plan
     path: Path
+    cpu_kernels: dict | None = None  # with torch's CPU kernels: which ran, and what cpu_kernels.py measured
 
     @property
     def device(self) -> torch.device:
@@ -75,14 +77,34 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
         raise ModelLoadError(str(exc)) from exc
     fmt = cache_format(plan)
     converted = ensure_converted(model_dir, fmt, progress)
+    kernels = None
     if fmt.startswith("cpu-int"):
-        model = load_cpu_quantized(converted, plan)
+        kernels = choose_cpu_kernels(plan)
+        model = load_cpu_quantized(converted, plan, kernels)
     else:
         model = load_pretrained(converted, plan, prequantized=fmt == "cpu-nf4")
     model.eval()
     check_vocabulary(model, tokenizer)
     warm_up(model, tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir)
+    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir, cpu_kernels=kernels)
+
+
+def choose_cpu_kernels(plan: Plan) -> dict:
+    """The int8 kernel (as asked, or the measured faster one) and from how many prompt rows each precision
+    expands its weights, from cpu_kernels.measure()."""
+    from .cpu_kernels import measure
+
+    measured = measure()
+    int8 = measured.int8 if plan.int8_kernel == "auto" else plan.int8_kernel
+    if int8 == "onednn" and not onednn_int8_exact():
+        raise ModelLoadError("--cpu-backend onednn: oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its sums "
+                             "saturate); use --cpu-backend auto")
+    dense_from = dict(measured.dense_from_tokens)
+    if int8 != measured.int8:  # forced to the other kernel: its prompt threshold was not measured
+        dense_from[8] = DENSE_FROM_TOKENS[8] if int8 == "torch" else sys.maxsize
+    return {"int8": int8, "dense_from_tokens": {bits: None if rows == sys.maxsize else rows  # None: never
+                                                for bits, rows in dense_from.items()},
+            "measured": measured.as_dict()}
 
 
 def cache_format(plan: Plan) -> str:
@@ -113,10 +135,10 @@ def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):
     return model
 
 
-def load_cpu_quantized(converted: Path, plan: Plan):
-    """The pre-quantized CPU cache, memory-mapped shard by shard. int8 layers are handed to oneDNN (a copy in
-    its layout) as their shard loads; a shard whose tensors all end up copied is closed again (unmapped), so
-    what the process holds is the model once, not the model plus the mapped file."""
+def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
+    """The pre-quantized CPU cache, memory-mapped shard by shard. With oneDNN as the int8 kernel, int8 layers are
+    handed to oneDNN (a copy in its layout) as their shard loads; a shard whose tensors all end up copied is
+    closed again (unmapped), so what the process holds is the model once, not the model plus the mapped file."""
     from safetensors import safe_open
     from transformers import GlmConfig, GlmForCausalLM
 
@@ -145,8 +167,9 @@ def load_cpu_quantized(converted: Path, plan: Plan):
         unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         del state
         for layer in layers.values():
-            if layer.packed is None and not (layer.weight_int8.is_meta or layer.scales.is_meta):
-                layer.pack()  # (a no-op without oneDNN: the layer then reads the mapped int8 weights)
+            if kernels["int8"] == "onednn" and layer.packed is None and not (layer.weight_int8.is_meta
+                                                                             or layer.scales.is_meta):
+                layer.to_onednn()  # (with torch's kernel the layer reads the mapped int8 weights)
         unpacked = any(layer.weight_int8 is not None and not layer.weight_int8.is_meta for layer in layers.values())
         if keep_mapped or unpacked:
             files.append(f)  # tensors still live in the mapped file
@@ -158,6 +181,10 @@ def load_cpu_quantized(converted: Path, plan: Plan):
                              f"{', '.join(unexpected[:5]) or '-'}; not loaded: {', '.join(on_meta[:5]) or '-'}); "
                              f"delete {converted} so it is converted again")
     model.mapped_files = files  # closing them would unmap the weights under the model
+    for module in model.modules():
+        if isinstance(module, (Int4Linear, Int8Linear)) and module.dense_from_tokens != sys.maxsize:
+            rows = kernels["dense_from_tokens"][4 if isinstance(module, Int4Linear) else 8]
+            module.dense_from_tokens = sys.maxsize if rows is None else rows
     return model
 
 
@@ -173,7 +200,7 @@ def warm_up(model, tokenizer: ChatGLM2Tokenizer) -> None:
 
     from .forward import decode_one_token, prefill
 
-    length = min(DENSE_FROM_TOKENS.values())  # int4's kernel path, torch int8's dense path (oneDNN has no other)
+    length = min(DENSE_FROM_TOKENS.values())  # a short prompt; with AMX also the expanded (dense) path
     ids = (tokenizer.prompt_prefix() + tokenizer.sp.encode("你好 hello " * length))[:length]
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)

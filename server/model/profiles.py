@@ -8,13 +8,17 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import Settings
+
+if TYPE_CHECKING:  # measured with torch, which this module does not import at the top
+    from .cpu_kernels import KernelChoice
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-WINDOWS_DENSE_MIN_RAM_GIB = 24  # the bfloat16 model holds 12.5 GB; leave room for Windows and a browser
+DENSE_MIN_RAM_GIB = 24  # the bfloat16 model holds 12.5 GB; leave room for the system and a browser
 INT8_MIN_RAM_GIB = 14  # the 8-bit model holds 7 GB: a "16 GB" PC (15.7 GiB) with a browser open
 WINDOWS_INT8_MIN_RAM_GIB = 10  # on Windows 8-bit beats 4-bit on every CPU; with less RAM 4-bit must do
 
@@ -40,7 +44,7 @@ class Hardware:
     bf16: bool = False  # whether the CUDA device supports bfloat16
     name: str = "cpu"
     ram_bytes: int = 0  # the machine's RAM (0: unknown)
-    fast_int8: bool = False  # oneDNN's int8 GEMM beats bfloat16 on this CPU (cpu_quant.onednn_int8_fast)
+    kernels: KernelChoice | None = None  # the CPU kernels' measured speeds (cpu_kernels.measure)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Plan:
     profile: str
     reason: str
     backend: str = ""  # dense, torch (torch's CPU int4/int8 kernels) or bnb (bitsandbytes); "" = the default
+    int8_kernel: str = "auto"  # with backend torch at 8-bit: torch, onednn, or auto (cpu_kernels measures)
 
     def __post_init__(self):
         if not self.backend:
@@ -67,11 +72,10 @@ class Plan:
 def default_backend(device: str, bits: int, dtype: str = "bfloat16") -> str:
     """Which code runs quantized weights, chosen by measurement on the full-size model (README, Performance).
 
-    CUDA: bitsandbytes. CPU: torch's own kernels from a pre-quantized cache, at 8-bit oneDNN's int8 GEMM (3.4
-    tok/s = 0.91 of the memory bandwidth, 1.18x llama.cpp's Q8_0; bitsandbytes' LLM.int8 is slower on a CPU), at
-    4-bit torch's int4 kernel, which beat bitsandbytes' NF4 on every figure of the last full-size run (decode
-    3.9 against 3.3 tok/s, prompts 48 against 14 tok/s, ready in 6 s against 29, 4.6 GB against 7.6). torch's
-    kernels compute in bfloat16: another compute dtype asked for (float32 for exactness) keeps bitsandbytes.
+    CUDA: bitsandbytes. CPU: torch's own kernels from a pre-quantized cache (int8 on torch's kernel or oneDNN's,
+    whichever cpu_kernels.py measures faster; int4 on torch's), faster than bitsandbytes on every full-size run
+    (docs/performance.md). torch's kernels compute in bfloat16: another compute dtype asked for (float32 for
+    exactness) keeps bitsandbytes.
     """
     if bits == 16:
         return "dense"
@@ -84,9 +88,9 @@ def probe_hardware() -> Hardware:
     import torch
 
     if not torch.cuda.is_available():
-        from .cpu_quant import onednn_int8_fast
+        from .cpu_kernels import measure
 
-        return Hardware(cuda=False, ram_bytes=total_ram(), fast_int8=onednn_int8_fast())
+        return Hardware(cuda=False, ram_bytes=total_ram(), kernels=measure())
     free, _total = torch.cuda.mem_get_info()
     return Hardware(cuda=True, free_bytes=free, bf16=torch.cuda.is_bf16_supported(),
                     name=torch.cuda.get_device_name())
@@ -118,9 +122,11 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
 
     dtype = _dtype(settings.dtype, device, hardware)
     max_context = settings.max_context or PROFILES[profile].max_context
-    backend = settings.cpu_backend if device == "cpu" and bits < 16 and settings.cpu_backend != "auto" else ""
+    asked = settings.cpu_backend if device == "cpu" and bits < 16 else "auto"
+    backend = {"auto": "", "onednn": "torch"}.get(asked, asked)
+    int8_kernel = asked if asked in ("torch", "onednn") else "auto"
     return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason,
-                backend=backend)
+                backend=backend, int8_kernel=int8_kernel)
 
 
 def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
@@ -134,25 +140,28 @@ def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
 
 
 def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
-    """Measured on the full-size model (bench/bench_cpu.py; Windows: torch's Windows build under wine):
-    - oneDNN's int8 GEMM (8-bit) decodes at 0.91 of the memory bandwidth, as fast as 4-bit here, reads prompts
-      1.7x faster and stays far closer to bfloat16 (KL 0.26 against 17): with RAM for its 7 GB, it is the pick
-      where it is fast (AVX512 or VNNI).
-    - On Windows torch's int4 kernel and bitsandbytes (no CPU library in its Windows wheel) are 4-7x slower than
-      the bfloat16 matmul; oneDNN is not (it generates its code at run time), and even where it is slow (AVX2
-      without VNNI) it beats them: 8-bit, or bfloat16 with RAM for 12.5 GB where 8-bit is slow.
-    - Otherwise 4-bit (4.6 GB)."""
+    """The fastest precision at decoding that fits the RAM, by the kernels' measured speed on this CPU
+    (cpu_kernels.py); within 10 % of the fastest, more bits win (closer to the model as trained). With 8-bit
+    holding 7 GB, a "16 GB" PC (15.7 GiB) qualifies; Windows PCs with less RAM still get 8-bit, which was faster
+    than torch's Windows int4 kernel on every CPU measured. Without a measurement: 8-bit where it fits."""
     ram_gib = hardware.ram_bytes / GIB
     ram = f"{ram_gib:.0f} GiB of RAM"
-    if hardware.fast_int8 and ram_gib >= INT8_MIN_RAM_GIB:
-        return "mid", f"no CUDA GPU: CPU with 8-bit weights on oneDNN's int8 GEMM ({ram})"
-    if sys.platform == "win32":
-        if ram_gib >= WINDOWS_DENSE_MIN_RAM_GIB:
-            return "high", (f"no CUDA GPU, Windows with {ram} and a CPU without fast int8: bfloat16 weights "
-                            "(torch's Windows build has no fast 4-bit kernel)")
-        if ram_gib >= WINDOWS_INT8_MIN_RAM_GIB:
-            return "mid", f"no CUDA GPU, Windows with {ram}: 8-bit weights (faster than 4-bit in Windows builds)"
-    return "low", f"no CUDA GPU: CPU with 4-bit weights ({ram})"
+    fits = ["low"]
+    if ram_gib >= (WINDOWS_INT8_MIN_RAM_GIB if sys.platform == "win32" else INT8_MIN_RAM_GIB):
+        fits.append("mid")
+    if ram_gib >= DENSE_MIN_RAM_GIB:
+        fits.append("high")
+    kernels = hardware.kernels
+    speeds = {name: kernels.decode_ms_at(PROFILES[name].bits) for name in fits} if kernels else {}
+    speeds = {name: ms for name, ms in speeds.items() if ms is not None}
+    if not speeds:
+        name = "mid" if "mid" in fits else "low"
+        return name, f"no CUDA GPU: CPU with {PROFILES[name].bits}-bit weights ({ram})"
+    fastest = min(speeds.values())
+    name = max((n for n, ms in speeds.items() if ms <= 1.1 * fastest), key=lambda n: PROFILES[n].bits)
+    measured = ", ".join(f"{PROFILES[n].bits}-bit {ms:.1f} ms" for n, ms in speeds.items())
+    return name, (f"no CUDA GPU: CPU with {PROFILES[name].bits}-bit weights, the fastest that fits {ram} "
+                  f"(one token per 6B matrix: {measured})")
 
 
 def _dtype(asked: str, device: str, hardware: Hardware) -> str:

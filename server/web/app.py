@@ -57,6 +57,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
             "running_jobs": engine.running_ids,
             "queued_jobs": engine.queued_ids,
             "max_batch": engine.max_batch if loaded else None,
+            "cpu_kernels": getattr(loaded, "cpu_kernels", None),  # which CPU kernels run, and their measured speeds
             "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache is not None else None,
             "version": __version__,
             "notices": engine.notices,

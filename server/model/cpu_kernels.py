@@ -1,0 +1,171 @@
+"""Which CPU kernels run the quantized weights on this machine, chosen by timing them at the real model's size.
+
+The right choice depends on the CPU, and guessing from its name has failed before: oneDNN's int8 GEMM is exact
+and fast with VNNI/AMX, saturates without (cpu_quant.onednn_int8_exact); bfloat16 matmuls are fast with AMX or
+AVX512-BF16 and ~3x slower than torch's int8 kernel on plain AVX2, where expanding int8 weights to bfloat16 for a
+prompt only costs time. So each candidate is timed on matrices of ChatGLM2-6B's MLP shape, three different
+copies in turn so that no weight is served from the CPU's cache (a single matrix fits a 32 MB L3 and looks
+several times faster than the model is), each figure the median of several tries:
+
+- decode: one token through each kernel (int8 on torch's kernel, int8 on oneDNN where exact, int4, and the
+  bfloat16 matmul): picks the int8 kernel, and lets `auto` pick the fastest precision that fits the RAM;
+- prefill: PREFILL_ROWS tokens through the kernel and through the bfloat16 matmul, and (where the matmul's rows
+  are cheaper) the cost of expanding one matrix: from how many tokens expanding pays off. Never where a kernel
+  row costs no more than a matmul row: then every prompt runs on the kernel, with no per-forward expansion.
+
+It takes a few seconds, once per process (`measure()` is cached). The figures are logged and shown in /health.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_quant
+
+log = logging.getLogger(__name__)
+
+SHAPE = (13696, 4096)  # half of ChatGLM2-6B's gate_up / its down projection: 56 M weights
+COPIES = 3  # matrices used in turn: 168 MB of int8 together, well past any CPU's last-level cache
+DECODE_TRIES = 7
+PREFILL_ROWS = 32
+PREFILL_TRIES = 3
+NEVER = sys.maxsize
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    int8: str  # "onednn" or "torch": which kernel runs 8-bit weights
+    dense_from_tokens: dict[int, int]  # bits -> rows from which a prompt expands the weights to bfloat16
+    decode_ms: dict[str, float] = field(default_factory=dict)  # one token, one SHAPE matrix, by candidate
+    prefill_ms: dict[str, float] = field(default_factory=dict)  # PREFILL_ROWS tokens, and expanding one matrix
+    seconds: float = 0.0  # what measuring took
+
+    def decode_ms_at(self, bits: int) -> float | None:
+        """The chosen kernel's time per matrix for one token at this precision (16: the bfloat16 matmul)."""
+        key = {8: f"int8-{self.int8}", 4: "int4", 16: "bfloat16"}[bits]
+        return self.decode_ms.get(key)
+
+    def as_dict(self) -> dict:
+        """What /health shows."""
+        return {"int8": self.int8,
+                "dense_from_tokens": {str(bits): None if rows == NEVER else rows
+                                      for bits, rows in self.dense_from_tokens.items()},
+                "decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "measured_in_s": self.seconds}
+
+
+def median_ms(run: Callable[[int], object], tries: int, copies: int = COPIES) -> float:
+    """Median over `tries` of the time per call of run(copy), each try one call per copy (after a warm round)."""
+    for i in range(copies):
+        run(i)
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        for i in range(copies):
+            run(i)
+        times.append((time.perf_counter() - start) / copies)
+    return statistics.median(times) * 1000
+
+
+def prefill_ms(run: Callable[[int], object]) -> float:
+    """Prompts are compute-bound: one matrix, no need to defeat the cache."""
+    return median_ms(run, PREFILL_TRIES, copies=1)
+
+
+def dense_threshold(kernel_ms: float, dense_ms: float, expand_ms: float, rows: int = PREFILL_ROWS) -> int:
+    """Rows from which expanding then multiplying in bfloat16 beats the kernel: expand + rows x dense-row <
+    rows x kernel-row. NEVER when a kernel row costs no more than a dense one."""
+    kernel_row, dense_row = kernel_ms / rows, dense_ms / rows
+    if kernel_row <= dense_row:
+        return NEVER
+    return max(2, math.ceil(expand_ms / (kernel_row - dense_row)))
+
+
+def int4_available() -> bool:
+    n, k = SHAPE
+    return n % cpu_quant.BLOCK_N == 0 and k % cpu_quant.GROUP == 0
+
+
+@functools.cache
+def measure() -> KernelChoice:
+    start = time.perf_counter()
+    n, k = SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    xp = torch.randn(PREFILL_ROWS, k, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        decode, prefill = int8_and_dense_figures(x1, xp)
+        if int4_available():
+            int4_decode, int4_prefill = int4_figures(x1, xp, prefill["bfloat16"])
+            decode.update(int4_decode)
+            prefill.update(int4_prefill)
+    int8_kernel = "onednn" if decode.get("int8-onednn", math.inf) < decode["int8-torch"] else "torch"
+    thresholds = {
+        # oneDNN's int8 GEMM multiplies prompts at the speed of its int8 units: it never expands
+        8: NEVER if int8_kernel == "onednn" or "expand-int8" not in prefill else dense_threshold(
+            prefill["int8-torch"], prefill["bfloat16"], prefill["expand-int8"]),
+        4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill["bfloat16"],
+                                                                      prefill["expand-int4"]),
+    }
+    choice = KernelChoice(int8=int8_kernel, dense_from_tokens=thresholds,
+                          decode_ms={key: round(v, 2) for key, v in decode.items()},
+                          prefill_ms={key: round(v, 1) for key, v in prefill.items()},
+                          seconds=round(time.perf_counter() - start, 2))
+    log.info("CPU kernels measured in %.1f s: 8-bit on %s; one token per %dx%d matrix (ms) %s; prompts expand "
+             "the weights from %s tokens", choice.seconds, int8_kernel, n, k, choice.decode_ms,
+             {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
+    return choice
+
+
+def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor) -> tuple[dict, dict]:
+    """int8 on torch's kernel and on oneDNN's (where exact), and the bfloat16 matmul: (decode, prefill) ms."""
+    n, k = SHAPE
+    first = torch.full((n, k), 3, dtype=torch.int8)  # (the values do not change a kernel's speed)
+    int8 = [first] + [first.clone() for _ in range(COPIES - 1)]
+    scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
+    decode = {"int8-torch": median_ms(lambda i: torch.ops.aten._weight_int8pack_mm(x1, int8[i], scales),
+                                      DECODE_TRIES)}
+    prefill = {"int8-torch": prefill_ms(lambda i: torch.ops.aten._weight_int8pack_mm(xp, int8[i], scales))}
+    if cpu_quant.onednn_int8_exact():
+        layers = [onednn_layer(q, scales) for q in int8]
+        decode["int8-onednn"] = median_ms(lambda i: layers[i].kernel(x1), DECODE_TRIES)
+    dense = [q.to(torch.bfloat16) for q in int8]
+    decode["bfloat16"] = median_ms(lambda i: F.linear(x1, dense[i]), DECODE_TRIES)
+    prefill["bfloat16"] = prefill_ms(lambda i: F.linear(xp, dense[i]))
+    if prefill["int8-torch"] > prefill["bfloat16"]:  # else expanding can never pay off: not worth timing
+        prefill["expand-int8"] = prefill_ms(lambda i: int8[i].to(torch.bfloat16).mul_(scales[:, None]))
+    return decode, prefill
+
+
+def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float) -> tuple[dict, dict]:
+    """torch's int4 kernel: (decode, prefill) ms, with the expansion where the matmul is faster per row."""
+    n, k = SHAPE
+    first = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((n, k), 7, dtype=torch.int32), 1)
+    packed = [first] + [first.clone() for _ in range(COPIES - 1)]
+    scales_zeros = torch.full((k // cpu_quant.GROUP, n, 2), 0.01, dtype=torch.bfloat16)
+
+    def int4(x, i):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[i], cpu_quant.GROUP, scales_zeros)
+
+    decode = {"int4": median_ms(lambda i: int4(x1, i), DECODE_TRIES)}
+    prefill = {"int4": prefill_ms(lambda i: int4(xp, i))}
+    if prefill["int4"] > dense_prefill_ms and cpu_quant.int4_block_rows() is not None:
+        prefill["expand-int4"] = prefill_ms(lambda i: cpu_quant.dequantize_int4(packed[i], scales_zeros))
+    return decode, prefill
+
+
+def onednn_layer(weight_int8: torch.Tensor, scales: torch.Tensor) -> cpu_quant.Int8Linear:
+    n, k = weight_int8.shape
+    layer = cpu_quant.Int8Linear(k, n, bias=False)
+    layer.load_state_dict({"weight_int8": weight_int8.clone(), "scales": scales}, assign=True)
+    layer.to_onednn()
+    return layer

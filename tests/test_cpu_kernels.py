@@ -1,0 +1,86 @@
+"""The CPU kernels are chosen by measuring them here (server/model/cpu_kernels.py), and a load can force each."""
+
+import dataclasses
+import sys
+
+import pytest
+import requests
+import torch
+
+from server.model import cpu_kernels, cpu_quant
+from server.model.cpu_kernels import NEVER, KernelChoice, dense_threshold
+from server.model.loader import ModelLoadError, load_model
+from tests.conftest import cpu_plan
+
+
+@pytest.mark.parametrize("kernel_ms, dense_ms, expand_ms, rows", [
+    (64.0, 188.0, 80.0, NEVER),  # plain AVX2: a kernel row is cheaper than a bfloat16 row, never expand
+    (64.0, 64.0, 80.0, NEVER),
+    (320.0, 32.0, 90.0, 10),  # AMX-like: 9 ms saved a row, 90 ms to expand -> from 10 rows
+    (320.0, 0.0, 1.0, 2),  # at least two rows: one token is a decode step
+])
+def test_prompts_expand_the_weights_only_from_where_it_pays(kernel_ms, dense_ms, expand_ms, rows):
+    assert dense_threshold(kernel_ms, dense_ms, expand_ms, rows=32) == rows
+
+
+def test_the_measurement_on_this_cpu_is_complete_and_consistent():
+    choice = cpu_kernels.measure()
+    assert choice is cpu_kernels.measure()  # once per process
+    assert {"int8-torch", "bfloat16"} <= set(choice.decode_ms) and all(v > 0 for v in choice.decode_ms.values())
+    assert ("int8-onednn" in choice.decode_ms) == cpu_quant.onednn_int8_exact()
+    best_int8 = min((v, k.removeprefix("int8-")) for k, v in choice.decode_ms.items() if k.startswith("int8-"))[1]
+    assert choice.int8 == best_int8  # the faster of the measured int8 kernels
+    for bits, kernel in ((8, "int8-torch"), (4, "int4")):
+        cheaper = choice.prefill_ms.get(kernel, 0) <= choice.prefill_ms["bfloat16"]
+        if cheaper or (bits == 8 and choice.int8 == "onednn"):
+            assert choice.dense_from_tokens[bits] == NEVER
+    assert choice.decode_ms_at(8) == choice.decode_ms[f"int8-{choice.int8}"]
+    shown = choice.as_dict()
+    assert shown["int8"] == choice.int8 and set(shown["dense_from_tokens"]) == {"8", "4"}
+
+
+def plan(bits: int, **changes):
+    return dataclasses.replace(cpu_plan(bits=bits, dtype="bfloat16"), **changes)
+
+
+def fake_choice(int8: str, thresholds: dict[int, int]) -> KernelChoice:
+    return KernelChoice(int8=int8, dense_from_tokens=thresholds, decode_ms={"int8-torch": 1.0})
+
+
+def test_the_measured_thresholds_reach_every_layer(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "measure", lambda: fake_choice("torch", {8: 5, 4: 7}))
+    int8 = load_model(tiny_checkpoint, plan(8))
+    assert {m.dense_from_tokens for m in int8.model.modules() if isinstance(m, cpu_quant.Int8Linear)} == {5}
+    assert int8.cpu_kernels["int8"] == "torch" and int8.cpu_kernels["dense_from_tokens"] == {8: 5, 4: 7}
+    int4 = load_model(tiny_checkpoint, plan(4))
+    rows = {m.dense_from_tokens for m in int4.model.modules() if isinstance(m, cpu_quant.Int4Linear)}
+    assert rows == ({7} if cpu_quant.int4_block_rows() is not None else {sys.maxsize})
+
+
+def test_where_expanding_never_pays_a_long_prompt_runs_on_the_kernel(tiny_checkpoint, tiny_model, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "measure", lambda: fake_choice("torch", {8: NEVER, 4: NEVER}))
+    loaded = load_model(tiny_checkpoint, plan(8))
+    assert loaded.cpu_kernels["dense_from_tokens"] == {8: None, 4: None}  # shown as never
+    for kind in (cpu_quant.Int8Linear, cpu_quant.Int4Linear):
+        monkeypatch.setattr(kind, "dense_weight", lambda self: pytest.fail("the weights were expanded"))
+    ids = torch.tensor([loaded.tokenizer.build_prompt("hello world 你好 " * 40, [])[:200]])
+    with torch.no_grad():
+        quant, exact = loaded.model(ids).logits[0, -1].float(), tiny_model.model(ids).logits[0, -1]
+    assert torch.corrcoef(torch.stack([quant, exact]))[0, 1] > 0.99
+
+
+def test_forcing_onednn_where_it_is_not_exact_is_refused_clearly(tiny_checkpoint):
+    if cpu_quant.onednn_int8_exact():
+        loaded = load_model(tiny_checkpoint, plan(8, int8_kernel="onednn"))
+        assert all(m.packed is not None for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear))
+    else:
+        with pytest.raises(ModelLoadError, match="not exact on this CPU"):
+            load_model(tiny_checkpoint, plan(8, int8_kernel="onednn"))
+
+
+def test_health_shows_the_kernels_and_their_figures(tiny_checkpoint, engine_for, serve):
+    loaded = load_model(tiny_checkpoint, plan(8))
+    health = requests.get(serve(engine_for(loaded)).url + "/health", timeout=10).json()
+    kernels = health["cpu_kernels"]
+    assert kernels["int8"] == cpu_kernels.measure().int8
+    assert kernels["measured"]["decode_ms"]["int8-torch"] > 0
