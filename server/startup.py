@@ -29,7 +29,8 @@ def make_engine(settings: Settings):
             raise UserError(f"--backend 有误 / --backend: {exc}") from exc
         return engine, lambda engine: load_tokenizer_for(settings, report=engine.set_state)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
-                    max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb)
+                    max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb,
+                    prefill_chunk=settings.prefill_chunk)
     return engine, lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice)
 
 

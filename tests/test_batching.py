@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from server.engine import engine as engine_module
+from server.engine import sizing as sizing
 from server.engine.budget import GenerationRequest
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
@@ -146,17 +146,17 @@ def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(engine_for, tiny_
 
 
 def test_the_batch_is_capped_by_the_memory_a_full_context_row_needs(tiny_model, monkeypatch):
-    per_row = engine_module.kv_bytes_per_token(tiny_model) * tiny_model.plan.max_context
+    per_row = sizing.kv_bytes_per_token(tiny_model) * tiny_model.plan.max_context
     config = tiny_model.model.config
-    assert engine_module.kv_bytes_per_token(tiny_model) == 2 * config.num_hidden_layers * \
+    assert sizing.kv_bytes_per_token(tiny_model) == 2 * config.num_hidden_layers * \
         config.num_key_value_heads * config.head_dim * 4  # float32
-    reserve = engine_module.RESERVE_BYTES["cpu"]
-    monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve + 3 * per_row)
-    assert engine_module.batch_size(tiny_model, 0) == 3  # the CPU's default of 4 does not fit
-    assert engine_module.batch_size(tiny_model, 2) == 2
-    assert engine_module.batch_size(tiny_model, 0, prefix_cache_bytes=per_row) == 2  # the cache shares the RAM
-    monkeypatch.setattr(engine_module, "free_memory", lambda device: reserve)
-    assert engine_module.batch_size(tiny_model, 8) == 1  # one row always runs, as before batching
+    reserve = sizing.RESERVE_BYTES["cpu"]
+    monkeypatch.setattr(sizing, "free_memory", lambda device: reserve + 3 * per_row)
+    assert sizing.batch_size(tiny_model, 0) == 3  # the CPU's default of 4 does not fit
+    assert sizing.batch_size(tiny_model, 2) == 2
+    assert sizing.batch_size(tiny_model, 0, prefix_cache_bytes=per_row) == 2  # the cache shares the RAM
+    monkeypatch.setattr(sizing, "free_memory", lambda device: reserve)
+    assert sizing.batch_size(tiny_model, 8) == 1  # one row always runs, as before batching
 
 
 def test_concurrent_http_streams_decode_together(serve, engine_for, tiny_model, monkeypatch):
@@ -193,3 +193,48 @@ def test_concurrent_http_streams_decode_together(serve, engine_for, tiny_model, 
     assert max(widths) == 4
     assert [results[i][-2][1][0] for i in range(4)] == expected
     assert all(results[i][-1][1]["finish_reason"] == "length" for i in range(4))
+
+
+def test_a_long_prompt_runs_in_chunks_between_the_decode_steps_of_others(engine_for, slow_model, monkeypatch):
+    """Chunked prefill: while a long prompt runs, a streaming reply keeps getting tokens, one chunk at most
+    between two of its steps; the long prompt's reply is the one it gets alone."""
+    long_prompt = GenerationRequest(query="hello world 你好 " * 30, max_new_tokens=6, **GREEDY)
+    alone = engine_for(slow_model, max_batch=1, prompt_cache_mb=0).submit(long_prompt).wait(timeout=60)
+    assert alone.prompt_tokens > 100
+    forward = slow_model.model.forward
+    widths = []  # tokens per forward pass, in order
+
+    def logged(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(slow_model.model, "forward", logged)
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=16)
+    streaming = engine.submit(GenerationRequest(query="hi", max_new_tokens=80, **GREEDY))
+    for _ in range(3):
+        streaming.next_event(timeout=30)
+    before = len(widths)
+    joined = engine.submit(long_prompt).wait(timeout=120)
+    assert joined.text == alone.text and joined.finish_reason == "length"
+    during = widths[before:]
+    chunks = [w for w in during if w > 1]
+    assert len(chunks) >= alone.prompt_tokens // 16 and max(chunks) <= 16  # the prompt, 16 tokens at a time
+    # never two chunks in a row: the streaming reply's step comes between them
+    assert all(not (a > 1 and b > 1) for a, b in zip(during, during[1:]))
+    assert streaming.result is None  # it kept decoding all along
+    engine.interrupt(streaming.id)
+
+
+def test_a_job_interrupted_while_its_prompt_runs_ends_as_interrupted(engine_for, slow_model):
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=4)
+    streaming = engine.submit(GenerationRequest(query="hi", max_new_tokens=200, **GREEDY))
+    streaming.next_event(timeout=30)
+    long_job = engine.submit(GenerationRequest(query="hello world 你好 " * 30, max_new_tokens=5, **GREEDY))
+    time.sleep(0.1)  # a few of its chunks have run
+    assert long_job.id in engine.running_ids and long_job.result is None
+    engine.interrupt(long_job.id)
+    done = long_job.wait(timeout=30)
+    assert done.finish_reason == "interrupted" and done.completion_tokens == 0
+    assert streaming.result is None  # untouched
+    engine.interrupt(streaming.id)
+    assert streaming.wait(timeout=30).finish_reason == "interrupted"

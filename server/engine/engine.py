@@ -14,26 +14,30 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import UserError
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from .jobs import Job
+from .sizing import DEFAULT_PREFILL_CHUNK, batch_size, default_prompt_cache_mb
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
     from ..model.loader import LoadedModel
     from .batch import Batch
     from .prefix_cache import PrefixCache
+    from .sequence import Sequence
+
+
+@dataclass
+class Prefilling:
+    """An admitted job whose prompt runs chunk by chunk between the batch's decode steps."""
+    seq: Sequence
+    cache: object  # DynamicCache, filled chunk by chunk
+    todo: list[int]  # prompt ids not run yet
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
-# Rows decoded together by default. CPU: measured on the full-size model (bench/bench_batch.py), 4 rows give
-# 2.5x one row's tokens/s at 0.63x the speed per row; 8 add little. CUDA: not measured here (no GPU); a GPU is
-# further from compute-bound at 8 rows than a CPU at 4.
-DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
-# Memory kept free beside the batch's caches: the prompt of a joining job runs while the batch waits.
-RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
 
@@ -47,8 +51,9 @@ class NotReady(Exception):
 
 class Engine:
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
-                 prompt_cache_mb: int | None = None):
+                 prompt_cache_mb: int | None = None, prefill_chunk: int = 0):
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk  # 0: chosen in attach() from the device
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
@@ -60,6 +65,7 @@ class Engine:
         self._pending: deque[Job] = deque()
         self._running: dict[str, Job] = {}  # admitted and not finished, in order of admission
         self._batch: Batch | None = None
+        self._prefilling: deque[Prefilling] = deque()  # admitted, prompt not done yet; oldest first
         self._lock = threading.Condition()
         self._closed = False
         self._worker: threading.Thread | None = None
@@ -85,6 +91,7 @@ class Engine:
         self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2)
         self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
+        self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
@@ -198,20 +205,23 @@ class Engine:
             self._fail_all(WORKER_STOPPED, queued_too=True)
 
     def _turn(self) -> bool:
-        """Admit what fits, then one decode step. False once the engine is closed and the batch is empty."""
+        """Admit what fits, run one chunk of a waiting prompt, then one decode step. False once the engine is
+        closed and nothing runs."""
         with self._lock:
-            while not self._pending and not self._batch.rows and not self._closed:
+            while not self._pending and not self._busy() and not self._closed:
                 self._lock.wait()
-            if self._closed and not self._batch.rows:
+            if self._closed and not self._busy():
                 return False
             admitted = []
-            while self._pending and len(self._batch) + len(admitted) < self.max_batch:
+            while self._pending and len(self._batch) + len(self._prefilling) + len(admitted) < self.max_batch:
                 job = self._pending.popleft()
                 self._running[job.id] = job
                 admitted.append(job)
         try:
             for job in admitted:
                 self._start(job)
+            if self._prefilling:
+                self._prefill_chunk()
             if self._batch.rows:
                 self._step()
         except Exception as exc:  # a fault outside one job's own steps: the running jobs fail, the engine goes on
@@ -219,9 +229,13 @@ class Engine:
             self._fail_all(f"{type(exc).__name__}: {exc}")
         return True
 
+    def _busy(self) -> bool:
+        return bool(self._batch.rows or self._prefilling)
+
     def _fail_all(self, error: str, queued_too: bool = False) -> None:
         """End every running job (and the queued ones too) with `error` and empty the batch."""
         self._batch.remove(list(range(len(self._batch))))
+        self._prefilling.clear()
         with self._lock:
             jobs = list(self._running.values())
             self._running.clear()
@@ -233,9 +247,7 @@ class Engine:
                 job.finish_unstarted("error", error=error)
 
     def _start(self, job: Job) -> None:
-        """Run a job's prompt (after what the prefix cache holds of it) and sample its first token; it then
-        joins the batch unless that token already ends it."""
-        from ..model.forward import prefill
+        """Look up what the prefix cache holds of a job's prompt; the rest waits to run (`_prefill_chunk`)."""
         from .batch import cache_from
         from .sequence import Sequence
 
@@ -243,25 +255,41 @@ class Engine:
             job.finish_unstarted("interrupted")
             self._forget(job)
             return
-        model = self.loaded.model
         ids = job.prompt.ids
         cached, tensors = self.prefix_cache.lookup(ids, self.loaded.device)
-        cache = cache_from(model.config, tensors or [])
         seq = Sequence(job, self.loaded.tokenizer, self._mask, cached_tokens=cached)
-        try:
-            logits = prefill(model, ids[cached:], cache)
-        except Exception as exc:  # out of memory or a model error: this job fails, the engine goes on
-            self._fail([seq], exc)
+        self._prefilling.append(Prefilling(seq, cache_from(self.loaded.model.config, tensors or []), ids[cached:]))
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the oldest waiting prompt: `prefill_chunk` tokens while other replies decode (so
+        a long prompt does not stall them), all of it when none do. After its last chunk the job samples its
+        first token and joins the batch, unless that token already ends it."""
+        from ..model.forward import prefill
+
+        waiting = self._prefilling[0]
+        seq = waiting.seq
+        if seq.job.cancelled.is_set():  # interrupted or disconnected while its prompt ran
+            self._prefilling.popleft()
+            seq.reason = "interrupted"
+            self._end(seq, None)
             return
+        size = self.prefill_chunk if self._batch.rows else len(waiting.todo)
+        chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
         try:
+            logits = prefill(self.loaded.model, chunk, waiting.cache)
+            if waiting.todo:
+                return
+            self._prefilling.popleft()
             goes_on = seq.advance(logits)
-        except Exception as exc:  # sampling or reporting failed: this job fails, the engine goes on
+        except Exception as exc:  # out of memory, a model error, sampling: this job fails, the engine goes on
+            if self._prefilling and self._prefilling[0] is waiting:
+                self._prefilling.popleft()
             self._fail([seq], exc)
             return
         if goes_on:
-            self._batch.add(seq, cache)
+            self._batch.add(seq, waiting.cache)
         else:
-            self._end(seq, [(layer.keys.cpu(), layer.values.cpu()) for layer in cache.layers])
+            self._end(seq, [(layer.keys.cpu(), layer.values.cpu()) for layer in waiting.cache.layers])
 
     def _step(self) -> None:
         """One decode step for every row; rows that end leave the batch."""
@@ -285,11 +313,12 @@ class Engine:
             self._end(batch.rows[i], batch.row_tensors(i))
         batch.remove(ended + failed)
 
-    def _end(self, seq, tensors) -> None:
+    def _end(self, seq, tensors: list | None) -> None:
         """Keep what the sequence computed for a later prompt that starts the same way, then report the end
         (in this order, so that a client's next turn finds it)."""
         try:
-            self.prefix_cache.store(seq.ids, tensors)
+            if tensors is not None:  # (None: the prompt did not finish running)
+                self.prefix_cache.store(seq.ids, tensors)
         except Exception:  # out of memory, say: the reply is still good, only its reuse is lost
             log.warning("could not keep job %s in the prefix cache", seq.job.id, exc_info=True)
         try:
@@ -341,53 +370,3 @@ def load_in_background(engine, loader: Callable, on_ready: Callable | None = Non
     thread = threading.Thread(target=run, name="model-loader", daemon=True)
     thread.start()
     return thread
-
-
-def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> int:
-    """Rows decoded together: as asked (or the device's default), and no more than the memory left after
-    loading holds with every row at the full context. The prefix cache lives in RAM: on a CPU it shares that
-    memory with the batch (a full prefix cache must not leave the batch without room); on a GPU it does not."""
-    device = loaded.device.type
-    wanted = asked or DEFAULT_MAX_BATCH.get(device, 1)
-    free = free_memory(device)
-    if free is None:
-        return wanted
-    if device == "cpu":
-        free -= prefix_cache_bytes
-    plan = loaded.plan
-    per_row = kv_bytes_per_token(loaded) * plan.max_context
-    fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
-    if fits < wanted:
-        log.info("the free memory holds %d requests at the full context of %d tokens (not %d)", fits,
-                 plan.max_context, wanted)
-    return int(min(wanted, fits))
-
-
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    """Keys and values of one token in every layer, in the compute dtype."""
-    from ..model.loader import DTYPES
-
-    config = loaded.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = DTYPES[loaded.plan.dtype].itemsize
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
-
-
-def free_memory(device: str) -> int | None:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        import psutil  # installed with accelerate
-    except ImportError:
-        return None
-    return psutil.virtual_memory().available
-
-
-def default_prompt_cache_mb() -> int:
-    """1 GiB (~37,000 tokens of ChatGLM2-6B's 16-bit keys and values), a sixteenth of the RAM on smaller PCs."""
-    from ..model.profiles import total_ram
-
-    ram = total_ram()
-    return 1024 if not ram else int(min(1024, ram / 16 / 1024**2))

@@ -1,0 +1,71 @@
+"""How many rows decode together and how large the prefix cache is, from the device and its free memory."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+# Rows decoded together by default. CPU: 4 rows give 2.5x one row's tokens/s at 0.63x the speed per row, 8 add
+# little (docs/performance.md). CUDA: not measured here (no GPU); a GPU is further from compute-bound at 8 rows.
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
+# Memory kept free beside the batch's caches: the prompt of a joining job runs while the batch waits.
+RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
+# Prompt tokens run between two decode steps while other replies stream (chunked prefill): a CPU runs 64 tokens
+# in about the time of a few decode steps; a GPU runs 512 in well under one.
+DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 512}
+
+
+def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> int:
+    """Rows decoded together: as asked (or the device's default), and no more than the memory left after
+    loading holds with every row at the full context. The prefix cache lives in RAM: on a CPU it shares that
+    memory with the batch (a full prefix cache must not leave the batch without room); on a GPU it does not."""
+    device = loaded.device.type
+    wanted = asked or DEFAULT_MAX_BATCH.get(device, 1)
+    free = free_memory(device)
+    if free is None:
+        return wanted
+    if device == "cpu":
+        free -= prefix_cache_bytes
+    plan = loaded.plan
+    per_row = kv_bytes_per_token(loaded) * plan.max_context
+    fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
+    if fits < wanted:
+        log.info("the free memory holds %d requests at the full context of %d tokens (not %d)", fits,
+                 plan.max_context, wanted)
+    return int(min(wanted, fits))
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Keys and values of one token in every layer, in the compute dtype."""
+    from ..model.loader import DTYPES
+
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = DTYPES[loaded.plan.dtype].itemsize
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def free_memory(device: str) -> int | None:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        import psutil  # installed with accelerate
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def default_prompt_cache_mb() -> int:
+    """1 GiB (~37,000 tokens of ChatGLM2-6B's 16-bit keys and values), a sixteenth of the RAM on smaller PCs."""
+    from ..model.profiles import total_ram
+
+    ram = total_ram()
+    return 1024 if not ram else int(min(1024, ram / 16 / 1024**2))
