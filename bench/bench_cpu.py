@@ -104,6 +104,30 @@ def matmul_params(config) -> int:
     return config.num_hidden_layers * layer + config.vocab_size * h
 
 
+SWEEP = (1, 2, 8, 16, 20, 31, 32, 64, 128)
+
+
+def prompt_sweep(model, tok) -> dict[int, float]:
+    """ms to run a prompt of M tokens on an empty cache (the best of two), for M in SWEEP: a short prompt should
+    cost no more than that many decode steps, and no M should cost a step more than the one before."""
+    import torch
+    from transformers import DynamicCache
+
+    from server.model.forward import prefill
+
+    ids = (tok.prompt_prefix() + tok.sp.encode("你好，今天天气怎么样？" * 40))[:max(SWEEP)]
+    times = {}
+    with torch.inference_mode():
+        for m in SWEEP:
+            best = float("inf")
+            for _ in range(2):
+                begin = time.perf_counter()
+                prefill(model, ids[:m], DynamicCache(config=model.config))
+                best = min(best, time.perf_counter() - begin)
+            times[m] = round(best * 1000, 1)
+    return times
+
+
 def quality_ids(tokenizer) -> list[int]:
     return (tokenizer.prompt_prefix() + tokenizer.sp.encode(QUALITY_TEXT))[:128]
 
@@ -148,6 +172,9 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
     for _ in generate_ids(model, ids, tokens, Sampling(temperature=0), mask):
         stamps.append(time.perf_counter())
     result["decode_tps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    result["step_ms"] = 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    result["prompt_ms"] = prompt_sweep(model, tok)
+    result["cpu_kernels"] = loaded.cpu_kernels and {k: v for k, v in loaded.cpu_kernels.items() if k != "measured"}
     result["bytes_per_token"] = weight_bytes_per_token(model)
     result["params_per_token"] = matmul_params(model.config)
     long_ids = (tok.prompt_prefix() + tok.sp.encode("春天来了，万物复苏。" * prompt_tokens))[:prompt_tokens]
@@ -297,7 +324,9 @@ def print_result(r: dict) -> None:
           f"{r['decode_tps']:.2f} tok/s = {r['decode_tps'] / limit:.2f} of the bandwidth limit ({limit:.1f} tok/s "
           f"at {r['bandwidth_gbs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.2f} GB/token); prefill "
           f"{r['prefill_tps']:.1f} tok/s = {prefill_gflops:.0f} GFLOPS = {prefill_gflops / r['matmul_gflops']:.2f} "
-          f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}", flush=True)
+          f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}\n"
+          f"    kernels {r['cpu_kernels']}; decode step {r['step_ms']:.0f} ms; a prompt of M tokens (ms): "
+          f"{r['prompt_ms']}", flush=True)
 
 
 if __name__ == "__main__":
