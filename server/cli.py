@@ -24,10 +24,24 @@ log = logging.getLogger("server")
 LOG_PATH = PROJECT_ROOT / "server.log"
 
 
+class Console(logging.StreamHandler):
+    """The console as it is when a record is written: sys.stderr may have been replaced since (a test runner's
+    capture, closed after its test, would otherwise get every later line as a "Logging error" traceback)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging() -> None:
-    """Info on the console; everything, tracebacks included, in server.log (what the launchers point to)."""
+    """Info on the console; everything, tracebacks included, in server.log (what the launchers point to). Called
+    again (main() run twice in one process), it replaces its handlers instead of adding more."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console = logging.StreamHandler()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "from_setup_logging", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    console = Console()
     console.setLevel(logging.INFO)
     handlers = [console]
     try:
@@ -36,9 +50,9 @@ def setup_logging() -> None:
         handlers.append(file)
     except OSError:  # a read-only folder: console only
         pass
-    root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     for handler in handlers:
+        handler.from_setup_logging = True
         handler.setFormatter(fmt)
         root.addHandler(handler)
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock"):

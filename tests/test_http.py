@@ -468,3 +468,17 @@ def test_rendered_links_open_apart_and_images_become_buttons(server):
     assert '<a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">doc</a>' in html
     assert "<img" not in html
     assert 'class="remote-image" data-src="http://t.example/p.gif?u=1&amp;v=%3C2%3E"' in html
+
+
+@pytest.mark.parametrize("path, kind", [("/ui/", "text/html"), ("/ui/app.js", "text/javascript"),
+                                        ("/ui/app.css", "text/css"), ("/ui/sw.js", "text/javascript"),
+                                        ("/ui/manifest.webmanifest", "application/manifest+json")])
+def test_the_page_has_its_types_even_where_mimetypes_says_text_plain(server, monkeypatch, path, kind):
+    """As on Windows PCs whose registry maps .js and .css to text/plain (Python's mimetypes reads it)."""
+    import mimetypes
+
+    real = mimetypes.guess_type
+    monkeypatch.setattr(mimetypes, "guess_type", lambda url, strict=True: ("text/plain", None)
+                        if str(url).endswith((".js", ".css", ".html", ".webmanifest")) else real(url, strict))
+    r = requests.get(server.url + path, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].split(";")[0] == kind

@@ -27,6 +27,15 @@ MAX_RENDER_CHARS = 64_000  # a whole 8,192-token reply is ~30,000 characters; a 
 RENDERS = threading.BoundedSemaphore(2)  # rendering never takes more than two of the threads that serve the API
 
 bp = Blueprint("web", __name__, url_prefix="/ui")
+# The page's types, named here rather than guessed: on Windows Python's mimetypes reads the registry, where .js
+# and .css are often text/plain, and a browser ignores a stylesheet (and refuses a module script) of that type.
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+         ".css": "text/css; charset=utf-8", ".webmanifest": "application/manifest+json", ".png": "image/png",
+         ".svg": "image/svg+xml", ".json": "application/json"}
+
+
+def static(name: str) -> Response:
+    return send_from_directory(STATIC, name, max_age=0, mimetype=TYPES.get(Path(name).suffix.lower()))
 
 
 def highlight_code(code: str, lang: str, _attrs) -> str:
@@ -67,7 +76,7 @@ def render_markdown(source: str) -> str:
 
 @bp.get("/")
 def page():
-    return send_from_directory(STATIC, "index.html", max_age=0)
+    return static("index.html")
 
 
 @bp.get("")
@@ -77,7 +86,7 @@ def page_without_slash():
 
 @bp.get("/<path:name>")
 def static_file(name: str):
-    return send_from_directory(STATIC, name, max_age=0)
+    return static(name)
 
 
 @bp.post("/render")
@@ -116,7 +125,7 @@ def icon(size: int, maskable: bool = False):
 @bp.get("/sw.js")
 def service_worker():
     # served without caching, so that a changed worker replaces the old one at the next visit
-    return send_from_directory(STATIC, "sw.js", max_age=0, mimetype="text/javascript")
+    return static("sw.js")
 
 
 @lru_cache(maxsize=4)
