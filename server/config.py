@@ -84,6 +84,9 @@ class Settings:
     prompt_cache_mb: int | None = option(
         None, "RAM (MB) for the keys and values of recent conversations, so that the next turn computes only its "
               "new tokens; 0 turns it off; default 1024 (less on PCs with under 16 GB of RAM)")
+    prompt_cache_disk_mb: int | None = option(
+        None, "disk space (MB) in the model folder for the prompt cache, so that a conversation continues fast "
+              "after a restart; 0 turns it off; default 2048 where the disk has 8 GB free")
     reply_reserve: int = option(512, "tokens kept free for the reply when old history rounds are dropped")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = option(5178, "TCP port to listen on")

@@ -30,7 +30,7 @@ def make_engine(settings: Settings):
         return engine, lambda engine: load_tokenizer_for(settings, report=engine.set_state)
     engine = Engine(max_queue=settings.max_queue, reply_reserve=settings.reply_reserve,
                     max_batch=settings.max_batch, prompt_cache_mb=settings.prompt_cache_mb,
-                    prefill_chunk=settings.prefill_chunk)
+                    prefill_chunk=settings.prefill_chunk, prompt_cache_disk_mb=disk_cache_mb(settings))
     return engine, lambda engine: load_for(settings, report=engine.set_state, notice=engine.add_notice)
 
 
@@ -69,3 +69,18 @@ def load_for(settings: Settings, report: Report | None = None, notice: Callable[
                                                                          stage="converting"))
     except (ValueError, ConversionError, ModelLoadError) as exc:
         raise UserError(f"无法加载模型 / Cannot load the model: {exc}") from exc
+
+
+def disk_cache_mb(settings: Settings) -> int:
+    """As asked, or 2 GB where the model folder's disk has 8 GB free (0: off)."""
+    if settings.prompt_cache_disk_mb is not None:
+        return settings.prompt_cache_disk_mb
+    import shutil
+
+    folder = settings.model_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return 2048 if shutil.disk_usage(folder).free >= 8 * 1024**3 else 0
+    except OSError:
+        return 0

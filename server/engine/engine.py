@@ -51,12 +51,13 @@ class NotReady(Exception):
 
 class Engine:
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
-                 prompt_cache_mb: int | None = None, prefill_chunk: int = 0):
+                 prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0):
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk  # 0: chosen in attach() from the device
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
+        self.prompt_cache_disk_mb = prompt_cache_disk_mb  # the prefix cache's disk tier (0: none)
         self._state = "loading"  # loading, downloading, ready or error (see `state`)
         self.detail: dict = {}  # what /health shows beside the state (progress, error, model facts)
         self.notices: list[str] = []  # lines the person should act on (e.g. a GPU torch cannot use)
@@ -88,7 +89,7 @@ class Engine:
         self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.eos_id, loaded.device)
         if self.prompt_cache_mb is None:
             self.prompt_cache_mb = default_prompt_cache_mb()
-        self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2)
+        self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2, disk=self._disk_cache(loaded))
         self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
@@ -105,6 +106,23 @@ class Engine:
         if self._state == "ready" and worker is not None and not worker.is_alive() and not self._closed:
             self.set_state("error", error=WORKER_STOPPED)
         return self._state
+
+    def _disk_cache(self, loaded: LoadedModel):
+        """The prefix cache's disk tier in the model folder, for this model at this precision and kernel."""
+        if not self.prompt_cache_disk_mb:
+            return None
+        from ..model.convert import fingerprint
+        from ..model.loader import cache_format
+        from .prefix_disk import DiskPrefixCache
+
+        plan = loaded.plan
+        stamp = {"model": fingerprint(loaded.path, cache_format(plan)), "device": plan.device, "bits": plan.bits,
+                 "dtype": plan.dtype, "backend": plan.backend, "int8": (loaded.cpu_kernels or {}).get("int8")}
+        try:
+            return DiskPrefixCache(loaded.path, stamp, self.prompt_cache_disk_mb * 1024**2)
+        except OSError as exc:  # a read-only model folder: the memory tier alone
+            log.warning("the prompt cache stays in memory only: %s", exc)
+            return None
 
     def set_state(self, state: str, **detail) -> None:
         self._state, self.detail = state, detail

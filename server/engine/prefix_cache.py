@@ -2,7 +2,8 @@
 of a chat repeats the whole conversation so far) only runs its new tokens through the model.
 
 Entries live in host memory (RAM, never VRAM, so they cannot push a job into out-of-memory on a GPU) within a
-byte budget; the least recently used go first. A lookup takes the entry with the longest common token prefix,
+byte budget; the least recently used go first. Behind it an optional disk tier (prefix_disk.py) keeps them
+across restarts. A lookup takes the entry with the longest common token prefix,
 cut to that prefix. Entries are never written to: caches only ever concatenate into new tensors, so a job can
 start from an entry's tensors without copying them on a CPU.
 """
@@ -29,8 +30,9 @@ class Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, disk=None):
         self.max_bytes = max_bytes
+        self.disk = disk  # a DiskPrefixCache (prefix_disk.py) behind this one, or None
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.bytes = 0
         self._lock = threading.Lock()  # the worker stores and looks up; /health reads the totals
@@ -39,24 +41,40 @@ class PrefixCache:
     def lookup(self, ids: list[int], device) -> tuple[int, Tensors | None]:
         """(n, the first n positions' keys and values on `device`) for the longest cached prefix of `ids`, at
         most len(ids) - 1 long: the last prompt token always runs, since its logits are what comes next."""
+        limit = len(ids) - 1
         with self._lock:
             best, best_key = 0, None
             for key, entry in self.entries.items():
-                n = common_prefix(entry.ids, ids, limit=len(ids) - 1)
+                n = common_prefix(entry.ids, ids, limit=limit)
                 if n > best:
                     best, best_key = n, key
-            if best_key is None:
-                return 0, None
-            self.entries.move_to_end(best_key)
-            tensors = self.entries[best_key].tensors
+            tensors = None
+            if best_key is not None:
+                self.entries.move_to_end(best_key)
+                tensors = self.entries[best_key].tensors
+        if self.disk is not None:  # a longer prefix on disk (a conversation from before a restart)?
+            on_disk, entry = self.disk.best(ids, limit)
+            loaded = self.disk.load(entry) if entry is not None and on_disk > best else None
+            if loaded is not None:
+                best, tensors = on_disk, loaded
+                self._insert(Entry(list(entry.ids), loaded))
+        if tensors is None:
+            return 0, None
         return best, [(keys[:, :, :best].to(device), values[:, :, :best].to(device)) for keys, values in tensors]
 
     def store(self, ids: list[int], tensors: Tensors) -> None:
         """Keep the keys and values of `ids` (host tensors the cache now owns); drop what this entry makes
         redundant (entries that are prefixes of it) and the least recently used beyond the budget."""
         entry = Entry(list(ids), tensors)
-        if entry.nbytes > self.max_bytes or not ids:
+        if not ids:
             return
+        if self.disk is not None:
+            self.disk.put(entry.ids, tensors)
+        if entry.nbytes <= self.max_bytes:
+            self._insert(entry)
+
+    def _insert(self, entry: Entry) -> None:
+        ids = entry.ids
         with self._lock:
             for key in [k for k, e in self.entries.items() if common_prefix(e.ids, ids) == len(e.ids)]:
                 self.bytes -= self.entries.pop(key).nbytes
@@ -69,8 +87,11 @@ class PrefixCache:
     def usage(self) -> dict:
         """What /health shows."""
         with self._lock:
-            return {"entries": len(self.entries), "mb": round(self.bytes / 1024**2, 1),
-                    "max_mb": round(self.max_bytes / 1024**2)}
+            shown = {"entries": len(self.entries), "mb": round(self.bytes / 1024**2, 1),
+                     "max_mb": round(self.max_bytes / 1024**2)}
+        if self.disk is not None:
+            shown["disk"] = self.disk.usage()
+        return shown
 
     def __len__(self) -> int:
         return len(self.entries)
