@@ -8,7 +8,7 @@ import threading
 import webbrowser
 from logging.handlers import RotatingFileHandler
 
-from .config import PROJECT_ROOT, Settings
+from .config import PROJECT_ROOT, Settings, UserError
 from .startup import make_engine
 from .web.app import create_app
 from .web.relay import chatlog
@@ -20,6 +20,11 @@ CHATLOG_PATH = PROJECT_ROOT / "chatlog.log"
 
 
 def run_server(settings: Settings) -> int:
+    if settings.api_key is not None and not (settings.api_key.isascii() and settings.api_key.isprintable()
+                                             and settings.api_key.strip()):
+        raise UserError("api_key 只能用 ASCII 字母、数字和符号（HTTP 头无法可靠传送中文等字符）/ The API key must be "
+                        "printable ASCII (letters, digits, symbols): HTTP headers cannot carry other characters "
+                        "reliably, so no client could send it. Choose another in settings.ini or --api-key.")
     warn_if_exposed(settings)
     if settings.chatlog:
         handler = RotatingFileHandler(CHATLOG_PATH, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")

@@ -83,7 +83,7 @@ def test_tokenize_needs_text(server):
 
 def test_unknown_route_and_wrong_method(server):
     body = assert_seed_error(requests.get(server.url + "/nothing"), 404, "/nothing")
-    assert "README" in body["message"]
+    assert "docs/api.md" in body["message"]
     r = requests.get(server.url + "/stream")
     assert_seed_error(r, 405, "GET is not allowed", "POST")
     assert "POST" in r.headers["Allow"]

@@ -15,7 +15,7 @@ from .. import __version__
 from ..config import Settings
 from ..engine import Engine
 from . import origin
-from .validation import ApiError
+from .validation import ApiError, shown
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
 
 
 def has_key(api_key: str) -> bool:
-    sent = request.headers.get("Authorization", "")
-    return hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode())
+    """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235); compared in constant time."""
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    matches = hmac.compare_digest(sent.strip().encode("latin-1", "replace"), api_key.encode("latin-1", "replace"))
+    return scheme.lower() == "bearer" and matches
 
 
 def check_api_key(api_key: str | None):
@@ -111,7 +113,7 @@ def api_error(error: ApiError):
 def http_error(error: HTTPException):
     allowed = getattr(error, "valid_methods", None) or []
     message = {
-        404: f"there is no {request.path} here; see README.md for the endpoints",
+        404: f"there is no {shown(request.path)} here; see docs/api.md for the endpoints",
         405: f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}",
         413: "the request body is too large; send less history or raise --max-body-bytes",
     }.get(error.code, error.description)

@@ -49,7 +49,9 @@ def origin_allowed(origin: str, request: Request, extra: set[str]) -> bool:
 
 def check(request: Request, bind_host: str, allow_origin: str | None) -> None:
     """Refuse (403) a request addressed to another host on a loopback bind, or from a foreign browser origin."""
-    if is_loopback(bind_host) and not is_loopback(urlsplit(f"//{request.host}").hostname):
+    # HTTP/1.0 needs no Host header: such a request is addressed to whatever this server is bound to
+    addressed = request.host if "HTTP_HOST" in request.environ else bind_host
+    if is_loopback(bind_host) and not is_loopback(urlsplit(f"//{addressed}").hostname):
         raise ApiError(403, f"this server answers only requests addressed to 127.0.0.1 or localhost, not "
                             f"{request.host[:80]} (a guard against DNS rebinding); to serve other machines, start "
                             "it with --host 0.0.0.0 and an --api-key", code="forbidden_host")

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from ..engine import Engine, Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from .relay import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
-from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, text
+from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, shown, text
 
 bp = Blueprint("seed", __name__)
 
@@ -87,10 +87,10 @@ def announce(job: Job, events):
 def interrupt():
     body = json_body(request) if request.get_data(cache=True).strip() else {}
     job_id = text(body, "id")
-    if job_id is None:
+    if job_id is None:  # no body, no "id", or "id": null: the original's stop of every running job
         engine().interrupt()
     elif not engine().interrupt(job_id):
-        raise ApiError(404, f"no queued or running job has the id {job_id!r}; it may have finished already")
+        raise ApiError(404, f"no queued or running job has the id {shown(job_id)}; it may have finished already")
     return jsonify({"message": "OK", "success": True})
 
 

@@ -1,0 +1,59 @@
+"""Small hardening (issue 24): the Bearer scheme in any case, a refused non-ASCII key, HTTP/1.0 without Host,
+short quotes of long paths and ids, and what `{"id": null}` means on /interrupt."""
+
+import socket
+
+import pytest
+import requests
+
+from server.config import Settings, UserError
+from server.run import run_server
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "BeArEr"])
+def test_the_bearer_scheme_is_case_insensitive(serve, engine, scheme):
+    server = serve(engine, api_key="s3cret")
+    r = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": f"{scheme} s3cret"})
+    assert r.status_code == 200, r.text
+    wrong = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": f"{scheme} s3cre"})
+    assert wrong.status_code == 401
+    other = requests.post(server.url + "/tokenize", json={"text": "hi"}, headers={"Authorization": "Basic s3cret"})
+    assert other.status_code == 401
+
+
+@pytest.mark.parametrize("key", ["密钥abc", "tab\there", " "])
+def test_a_key_no_client_can_send_is_refused_at_start_in_one_line(key):
+    with pytest.raises(UserError, match="printable ASCII"):
+        run_server(Settings(api_key=key, port=0))
+
+
+def raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_1_0_without_host_is_addressed_to_the_loopback_bind(server):
+    answer = raw(server.url, b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    rebinding = raw(server.url, b"GET / HTTP/1.0\r\nHost: evil.example\r\n\r\n")
+    assert b" 403 " in rebinding.split(b"\r\n")[0]  # a Host that is sent is still checked
+
+
+def test_a_long_path_or_id_is_quoted_short(server):
+    r = requests.get(server.url + "/" + "x" * 70_000, timeout=10)
+    assert r.status_code in (404, 414, 431) and len(r.content) < 1000
+    r = requests.get(server.url + "/" + "y" * 3000, timeout=10)
+    assert r.status_code == 404 and len(r.json()["message"]) < 200
+    r = requests.post(server.url + "/interrupt", json={"id": "z" * 5000}, timeout=10)
+    assert r.status_code == 404 and len(r.json()["message"]) < 200
+
+
+def test_an_id_of_null_is_the_global_stop_like_no_id(server):
+    for body in ({"id": None}, {}, None):
+        r = requests.post(server.url + "/interrupt", json=body, timeout=10)
+        assert r.json() == {"message": "OK", "success": True}
