@@ -14,15 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError  # noqa: F401 (defined in errors.py, importable here too)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "THUDM" / "chatglm2-6b"
 ENV_PREFIX = "CHATGLM2_"
 SETTINGS_FILE = PROJECT_ROOT / "settings.ini"
 SETTINGS_FILE_ENV = "CHATGLM2_SETTINGS_FILE"  # another settings file (tests point it at their own)
-
-
-class UserError(Exception):
-    """An expected failure: its message (Chinese, then English) is shown to the person without a traceback."""
 
 
 def option(default, help: str, choices=None, env: str | None = None, repeat: bool = False):

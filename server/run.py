@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import threading
+import time
 import webbrowser
 from logging.handlers import RotatingFileHandler
 
@@ -46,11 +48,44 @@ def run_server(settings: Settings) -> int:
         # the page shows download and loading progress itself; on a thread, since a console browser (lynx, w3m)
         # would otherwise hold the server until it exits
         threading.Thread(target=webbrowser.open, args=(url + "/ui/",), daemon=True).start()
+    stop_on_terminate()
     try:
         server.run()
+    except KeyboardInterrupt:
+        log.info("停止中 / stopping: running replies end as interrupted")
+        engine.close()
+        flush(server)
     finally:
         engine.close()
     return 0
+
+
+def stop_on_terminate() -> None:
+    """SIGTERM (a service manager, `docker stop`, `kill`) and on Windows SIGBREAK (Ctrl+Break; closing the console
+    window arrives as it too) stop the server as Ctrl+C does: running and queued replies end as interrupted, with
+    their final events and log lines, instead of the process dying mid-stream."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupt)
+
+
+def flush(server, seconds: float = 3.0) -> None:
+    """Run waitress's loop a little longer, so that the final events written by the handler threads (the
+    interrupted replies' ends) reach their clients before the process exits."""
+    from waitress import wasyncore
+
+    def busy(channel) -> bool:  # a client connection with a request in progress or output not yet sent
+        return bool(getattr(channel, "total_outbufs_len", 0) or getattr(channel, "requests", None))
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(busy(c) for c in list(server._map.values())):
+        wasyncore.loop(timeout=0.05, map=server._map, count=1)
 
 
 def browser_host(host: str) -> str:

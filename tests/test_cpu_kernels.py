@@ -13,14 +13,15 @@ from server.model.loader import ModelLoadError, load_model
 from tests.conftest import cpu_plan
 
 
-@pytest.mark.parametrize("kernel_ms, dense_ms, expand_ms, rows", [
-    (64.0, 188.0, 80.0, NEVER),  # plain AVX2: a kernel row is cheaper than a bfloat16 row, never expand
-    (64.0, 64.0, 80.0, NEVER),
-    (320.0, 32.0, 90.0, 10),  # AMX-like: 9 ms saved a row, 90 ms to expand -> from 10 rows
+@pytest.mark.parametrize("kernel_ms, dense_ms, expand_ms, rows", [  # kernel: 32 rows; dense: 128 rows
+    (64.0, 752.0, 80.0, NEVER),  # plain AVX2 in bfloat16: a kernel row is cheaper, never expand
+    (64.0, 256.0, 80.0, NEVER),  # the same cost per row
+    (64.0, 128.0, 80.0, 80),  # float32 there: 1 ms saved a row, 80 ms to expand -> from 80 rows
+    (320.0, 128.0, 90.0, 10),  # AMX-like: 9 ms saved a row, 90 ms to expand -> from 10 rows
     (320.0, 0.0, 1.0, 2),  # at least two rows: one token is a decode step
 ])
 def test_prompts_expand_the_weights_only_from_where_it_pays(kernel_ms, dense_ms, expand_ms, rows):
-    assert dense_threshold(kernel_ms, dense_ms, expand_ms, rows=32) == rows
+    assert dense_threshold(kernel_ms, dense_ms, expand_ms) == rows
 
 
 def test_the_measurement_on_this_cpu_is_complete_and_consistent():
@@ -30,11 +31,14 @@ def test_the_measurement_on_this_cpu_is_complete_and_consistent():
     assert ("int8-onednn" in choice.decode_ms) == cpu_quant.onednn_int8_exact()
     best_int8 = min((v, k.removeprefix("int8-")) for k, v in choice.decode_ms.items() if k.startswith("int8-"))[1]
     assert choice.int8 == best_int8  # the faster of the measured int8 kernels
+    dense_row = choice.prefill_ms[choice.dense_dtype] / cpu_kernels.DENSE_ROWS
     for bits, kernel in ((8, "int8-torch"), (4, "int4")):
-        cheaper = choice.prefill_ms.get(kernel, 0) <= choice.prefill_ms["bfloat16"]
+        cheaper = choice.prefill_ms.get(kernel, 0) / cpu_kernels.PREFILL_ROWS <= dense_row
         if cheaper or (bits == 8 and choice.int8 == "onednn"):
             assert choice.dense_from_tokens[bits] == NEVER
     assert choice.decode_ms_at(8) == choice.decode_ms[f"int8-{choice.int8}"]
+    faster = "float32" if choice.prefill_ms["float32"] < choice.prefill_ms["bfloat16"] else "bfloat16"
+    assert choice.dense_dtype == faster
     shown = choice.as_dict()
     assert shown["int8"] == choice.int8 and set(shown["dense_from_tokens"]) == {"8", "4"}
 
@@ -43,8 +47,9 @@ def plan(bits: int, **changes):
     return dataclasses.replace(cpu_plan(bits=bits, dtype="bfloat16"), **changes)
 
 
-def fake_choice(int8: str, thresholds: dict[int, int]) -> KernelChoice:
-    return KernelChoice(int8=int8, dense_from_tokens=thresholds, decode_ms={"int8-torch": 1.0})
+def fake_choice(int8: str, thresholds: dict[int, int], dense_dtype: str = "bfloat16") -> KernelChoice:
+    return KernelChoice(int8=int8, dense_from_tokens=thresholds, dense_dtype=dense_dtype,
+                        decode_ms={"int8-torch": 1.0})
 
 
 def test_the_measured_thresholds_reach_every_layer(tiny_checkpoint, monkeypatch):
@@ -84,3 +89,16 @@ def test_health_shows_the_kernels_and_their_figures(tiny_checkpoint, engine_for,
     kernels = health["cpu_kernels"]
     assert kernels["int8"] == cpu_kernels.measure().int8
     assert kernels["measured"]["decode_ms"]["int8-torch"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_prompts_expand_to_the_measured_dtype_and_compute_the_same(tiny_checkpoint, tiny_model, monkeypatch, dtype):
+    monkeypatch.setattr(cpu_kernels, "measure", lambda: fake_choice("torch", {8: 5, 4: 5}, dense_dtype=dtype))
+    for bits, kind in ((8, cpu_quant.Int8Linear), (4, cpu_quant.Int4Linear)):
+        loaded = load_model(tiny_checkpoint, plan(bits))
+        layers = [m for m in loaded.model.modules() if isinstance(m, kind) and m.dense_from_tokens == 5]
+        assert layers and {m.dense_dtype for m in layers} == {getattr(torch, dtype)}
+        ids = torch.tensor([loaded.tokenizer.build_prompt("hello world 你好 " * 10, [])[:60]])
+        with torch.no_grad():
+            quant, exact = loaded.model(ids).logits[0, -1].float(), tiny_model.model(ids).logits[0, -1]
+        assert torch.corrcoef(torch.stack([quant, exact]))[0, 1] > 0.97

@@ -57,3 +57,69 @@ def test_an_id_of_null_is_the_global_stop_like_no_id(server):
     for body in ({"id": None}, {}, None):
         r = requests.post(server.url + "/interrupt", json=body, timeout=10)
         assert r.json() == {"message": "OK", "success": True}
+
+
+def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoint):
+    """As a service manager or `docker stop` stops the server: every stream gets its `done` event."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "console.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--offline", "--no-chatlog",
+                                 "--model-dir", str(tiny_checkpoint), "--quantize", "16", "--dtype", "float32",
+                                 "--max-context", "4096", "--max-batch", "2", "--prompt-cache-disk-mb", "0"],
+                                cwd=root, env=os.environ, stdout=out, stderr=out)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.2)
+            ends, started = [], threading.Semaphore(0)
+
+            def stream():
+                with requests.post(url + "/stream", json={"query": "hi", "max_length": 4000, "temperature": 0},
+                                   stream=True, timeout=60) as r:
+                    last = None
+                    for line in r.iter_lines():
+                        if line.startswith(b": job"):
+                            started.release()
+                        if line.startswith(b"data: "):
+                            last = line
+                    ends.append(last)
+
+            clients = [threading.Thread(target=stream) for _ in range(3)]  # 2 running, 1 queued
+            for client in clients:
+                client.start()
+            for _ in clients:
+                assert started.acquire(timeout=30)
+            time.sleep(0.5)
+            stopped_at = time.time()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+            took = time.time() - stopped_at
+            for client in clients:
+                client.join(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(ends) == 3 and all(end is not None for end in ends), log.read_text()
+    finishes = [json.loads(end[6:]).get("finish_reason") for end in ends]
+    assert finishes == ["interrupted"] * 3, (finishes, log.read_text()[-2000:])
+    assert took < 10 and proc.returncode == 0
+    assert "Traceback" not in log.read_text()

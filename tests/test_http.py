@@ -122,13 +122,25 @@ def test_stream_really_streams_one_chunk_per_event(serve_api, engine_for, slow_m
     assert len(received) >= len(events) * 0.5  # arrived in many reads, not one burst at the end
 
 
-def test_dropped_history_is_still_echoed_as_sent(serve_api, engine_for, tiny_model):
+def test_the_echo_holds_the_rounds_the_model_saw(serve_api, engine_for, tiny_model):
     server = serve_api(engine_for(tiny_model, reply_reserve=32))
     history = [[f"问题{i} hello world", f"回答{i} the model answer"] for i in range(12)]
     r = requests.post(server.url + "/stream", json={"query": "最后", "history": history, "temperature": 0})
     *updates, (_, done) = parse_sse(r.content)
-    assert done["dropped_rounds"] > 0
-    assert updates[-1][1][1][:-1] == history
+    dropped = done["dropped_rounds"]
+    assert 0 < dropped < len(history)
+    assert updates[-1][1][1][:-1] == history[dropped:]  # the oldest rounds, which did not fit, are not sent back
+    fits = requests.post(server.url + "/stream", json={"query": "最后", "history": history[-1:], "temperature": 0})
+    *updates, (_, done) = parse_sse(fits.content)
+    assert done["dropped_rounds"] == 0 and updates[-1][1][1][:-1] == history[-1:]  # as sent when it fits
+
+
+def test_a_huge_history_does_not_amplify_the_reply(server):
+    history = [["问" * 500, "答" * 500] for _ in range(300)]  # ~1 MB of JSON
+    body = {"query": "hi", "history": history, "max_length": 250, "temperature": 0}
+    r = requests.post(server.url + "/stream", json=body, timeout=120)
+    sent = len(json.dumps(body, ensure_ascii=False).encode())
+    assert r.status_code == 200 and len(r.content) < sent / 4, (len(r.content), sent)
 
 
 def test_interrupt_mid_stream(serve_api, engine_for, slow_model):

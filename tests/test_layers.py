@@ -35,7 +35,7 @@ def layer_of(module: str) -> str:
         return "config"
     if len(parts) > 2 or (SERVER / parts[1]).is_dir():
         return parts[1]
-    return "config" if parts[1] == "config" else "top"
+    return "config" if parts[1] in ("config", "errors") else "top"  # (errors.py: every exception type)
 
 
 def module_name(path: Path) -> str:

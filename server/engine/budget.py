@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ContextOverflow  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.tokenizer import ChatGLM2Tokenizer, round_text
 
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow to inf and softmax gives nan
@@ -32,16 +33,6 @@ class FittedPrompt:
     ids: list[int]
     dropped_rounds: int
     max_new_tokens: int
-
-
-class ContextOverflow(Exception):
-    """The query (with the answer prefix) does not fit the context even without history."""
-
-    def __init__(self, prompt_tokens: int, limit: int, max_context: int):
-        self.prompt_tokens, self.limit, self.max_context = prompt_tokens, limit, max_context
-        super().__init__(
-            f"the query needs {prompt_tokens} tokens but at most {limit} fit (context budget {max_context} "
-            f"tokens, with room left for the reply); shorten the query or the answer prefix")
 
 
 def fit_prompt(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, max_context: int,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import UserError
+from ..errors import EngineBusy, NotReady  # noqa: F401 (defined in errors.py, importable here too)
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from .jobs import Job
 from .sizing import DEFAULT_PREFILL_CHUNK, batch_size, default_prompt_cache_mb
@@ -39,14 +40,6 @@ class Prefilling:
 log = logging.getLogger(__name__)
 
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
-
-
-class EngineBusy(Exception):
-    """The queue is full."""
-
-
-class NotReady(Exception):
-    """The model is not loaded (yet, or loading failed)."""
 
 
 class Engine:

@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UserError
+from ..errors import BrokenIndex  # noqa: F401 (defined in errors.py, importable here too)
 
 INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
 CACHE_NAME = "converted"  # where convert.py keeps the native-layout copy
-
-
-class BrokenIndex(UserError):
-    """The weight index is not what the hub serves; the message says which file and what to do."""
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from tqdm import tqdm
 
+from ..errors import ConversionError  # noqa: F401 (defined in errors.py, importable here too)
 from .checkpoint import CACHE_NAME, missing_files, weight_files
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ CONVERTER_VERSION = 1  # bump when the output format changes: existing caches ar
 OUTPUT_SIZE = {"float16": 1.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}
 LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
 Progress = Callable[[float], None]
-
-
-class ConversionError(Exception):
-    """The checkpoint cannot be converted; the message says why and what to do."""
 
 
 # -- config ----------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ several times faster than the model is), each figure the median of several tries
 
 - decode: one token through each kernel (int8 on torch's kernel, int8 on oneDNN where exact, int4, and the
   bfloat16 matmul): picks the int8 kernel, and lets `auto` pick the fastest precision that fits the RAM;
-- prefill: PREFILL_ROWS tokens through the kernel and through the bfloat16 matmul, and (where the matmul's rows
-  are cheaper) the cost of expanding one matrix: from how many tokens expanding pays off. Never where a kernel
-  row costs no more than a matmul row: then every prompt runs on the kernel, with no per-forward expansion.
+- prefill: PREFILL_ROWS tokens through the kernel, DENSE_ROWS through the bfloat16 and the float32 matmul (the
+  faster is the dense dtype: float32 on CPUs without bfloat16 units), and (where the matmul's rows are cheaper)
+  the cost of expanding one matrix: from how many tokens expanding pays off. Never where a kernel row costs no
+  more than a matmul row: then every prompt runs on the kernel, with no per-forward expansion.
 
 It takes a few seconds, once per process (`measure()` is cached). The figures are logged and shown in /health.
 """
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 SHAPE = (13696, 4096)  # half of ChatGLM2-6B's gate_up / its down projection: 56 M weights
 COPIES = 3  # matrices used in turn: 168 MB of int8 together, well past any CPU's last-level cache
 DECODE_TRIES = 7
-PREFILL_ROWS = 32
+PREFILL_ROWS = 32  # a kernel's cost grows about linearly with the rows: 32 tell its cost per row
+DENSE_ROWS = 128  # a dense matmul gets cheaper per row as rows grow: measured where long prompts run
 PREFILL_TRIES = 3
 NEVER = sys.maxsize
 
@@ -45,7 +47,8 @@ NEVER = sys.maxsize
 @dataclass(frozen=True)
 class KernelChoice:
     int8: str  # "onednn" or "torch": which kernel runs 8-bit weights
-    dense_from_tokens: dict[int, int]  # bits -> rows from which a prompt expands the weights to bfloat16
+    dense_from_tokens: dict[int, int]  # bits -> rows from which a prompt expands the weights (NEVER: it does not)
+    dense_dtype: str = "bfloat16"  # what they expand to: bfloat16, or float32 where its matmul is faster
     decode_ms: dict[str, float] = field(default_factory=dict)  # one token, one SHAPE matrix, by candidate
     prefill_ms: dict[str, float] = field(default_factory=dict)  # PREFILL_ROWS tokens, and expanding one matrix
     seconds: float = 0.0  # what measuring took
@@ -57,7 +60,7 @@ class KernelChoice:
 
     def as_dict(self) -> dict:
         """What /health shows."""
-        return {"int8": self.int8,
+        return {"int8": self.int8, "dense_dtype": self.dense_dtype,
                 "dense_from_tokens": {str(bits): None if rows == NEVER else rows
                                       for bits, rows in self.dense_from_tokens.items()},
                 "decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "measured_in_s": self.seconds}
@@ -76,15 +79,16 @@ def median_ms(run: Callable[[int], object], tries: int, copies: int = COPIES) ->
     return statistics.median(times) * 1000
 
 
-def prefill_ms(run: Callable[[int], object]) -> float:
+def prefill_ms(run: Callable[[int], object], tries: int = PREFILL_TRIES) -> float:
     """Prompts are compute-bound: one matrix, no need to defeat the cache."""
-    return median_ms(run, PREFILL_TRIES, copies=1)
+    return median_ms(run, tries, copies=1)
 
 
-def dense_threshold(kernel_ms: float, dense_ms: float, expand_ms: float, rows: int = PREFILL_ROWS) -> int:
-    """Rows from which expanding then multiplying in bfloat16 beats the kernel: expand + rows x dense-row <
-    rows x kernel-row. NEVER when a kernel row costs no more than a dense one."""
-    kernel_row, dense_row = kernel_ms / rows, dense_ms / rows
+def dense_threshold(kernel_ms: float, dense_ms: float, expand_ms: float) -> int:
+    """Rows from which expanding then multiplying densely beats the kernel: expand + rows x dense-row <
+    rows x kernel-row (kernel_ms for PREFILL_ROWS rows, dense_ms for DENSE_ROWS). NEVER when a kernel row costs
+    no more than a dense one."""
+    kernel_row, dense_row = kernel_ms / PREFILL_ROWS, dense_ms / DENSE_ROWS
     if kernel_row <= dense_row:
         return NEVER
     return max(2, math.ceil(expand_ms / (kernel_row - dense_row)))
@@ -102,31 +106,34 @@ def measure() -> KernelChoice:
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     xp = torch.randn(PREFILL_ROWS, k, generator=gen).to(torch.bfloat16)
+    xd = torch.randn(DENSE_ROWS, k, generator=gen).to(torch.bfloat16)
     with torch.inference_mode():
-        decode, prefill = int8_and_dense_figures(x1, xp)
+        decode, prefill = int8_and_dense_figures(x1, xp, xd)
         if int4_available():
-            int4_decode, int4_prefill = int4_figures(x1, xp, prefill["bfloat16"])
+            dtype = dense_dtype(prefill)
+            int4_decode, int4_prefill = int4_figures(x1, xp, prefill[dtype], dtype)
             decode.update(int4_decode)
             prefill.update(int4_prefill)
     int8_kernel = "onednn" if decode.get("int8-onednn", math.inf) < decode["int8-torch"] else "torch"
+    dtype = dense_dtype(prefill)
     thresholds = {
         # oneDNN's int8 GEMM multiplies prompts at the speed of its int8 units: it never expands
         8: NEVER if int8_kernel == "onednn" or "expand-int8" not in prefill else dense_threshold(
-            prefill["int8-torch"], prefill["bfloat16"], prefill["expand-int8"]),
-        4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill["bfloat16"],
+            prefill["int8-torch"], prefill[dtype], prefill["expand-int8"]),
+        4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill[dtype],
                                                                       prefill["expand-int4"]),
     }
-    choice = KernelChoice(int8=int8_kernel, dense_from_tokens=thresholds,
+    choice = KernelChoice(int8=int8_kernel, dense_from_tokens=thresholds, dense_dtype=dtype,
                           decode_ms={key: round(v, 2) for key, v in decode.items()},
                           prefill_ms={key: round(v, 1) for key, v in prefill.items()},
                           seconds=round(time.perf_counter() - start, 2))
     log.info("CPU kernels measured in %.1f s: 8-bit on %s; one token per %dx%d matrix (ms) %s; prompts expand "
-             "the weights from %s tokens", choice.seconds, int8_kernel, n, k, choice.decode_ms,
+             "the weights (to %s) from %s tokens", choice.seconds, int8_kernel, n, k, choice.decode_ms, dtype,
              {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
     return choice
 
 
-def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor) -> tuple[dict, dict]:
+def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor, xd: torch.Tensor) -> tuple[dict, dict]:
     """int8 on torch's kernel and on oneDNN's (where exact), and the bfloat16 matmul: (decode, prefill) ms."""
     n, k = SHAPE
     first = torch.full((n, k), 3, dtype=torch.int8)  # (the values do not change a kernel's speed)
@@ -140,13 +147,29 @@ def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor) -> tuple[dict, di
         decode["int8-onednn"] = median_ms(lambda i: layers[i].kernel(x1), DECODE_TRIES)
     dense = [q.to(torch.bfloat16) for q in int8]
     decode["bfloat16"] = median_ms(lambda i: F.linear(x1, dense[i]), DECODE_TRIES)
-    prefill["bfloat16"] = prefill_ms(lambda i: F.linear(xp, dense[i]))
-    if prefill["int8-torch"] > prefill["bfloat16"]:  # else expanding can never pay off: not worth timing
-        prefill["expand-int8"] = prefill_ms(lambda i: int8[i].to(torch.bfloat16).mul_(scales[:, None]))
+    prefill["bfloat16"] = prefill_ms(lambda i: F.linear(xd, dense[i]), tries=1)  # (DENSE_ROWS rows)
+    prefill["float32"] = float32_prefill_ms(dense[0], xd)
+    dtype = dense_dtype(prefill)
+    if prefill["int8-torch"] / PREFILL_ROWS > prefill[dtype] / DENSE_ROWS:  # else expanding can never pay off
+        prefill["expand-int8"] = prefill_ms(lambda i: int8[i].to(DTYPES[dtype]).mul_(scales[:, None]))
     return decode, prefill
 
 
-def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float) -> tuple[dict, dict]:
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def float32_prefill_ms(weight: torch.Tensor, x: torch.Tensor) -> float:
+    """CPUs without bfloat16 units (plain AVX2) multiply float32 faster than bfloat16."""
+    wide, x = weight.float(), x.float()
+    return prefill_ms(lambda i: F.linear(x, wide), tries=1)
+
+
+def dense_dtype(prefill: dict[str, float]) -> str:
+    """The dtype whose matmul runs prompt rows faster here."""
+    return "float32" if prefill.get("float32", math.inf) < prefill["bfloat16"] else "bfloat16"
+
+
+def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float, dtype: str) -> tuple[dict, dict]:
     """torch's int4 kernel: (decode, prefill) ms, with the expansion where the matmul is faster per row."""
     n, k = SHAPE
     first = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((n, k), 7, dtype=torch.int32), 1)
@@ -158,8 +181,10 @@ def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float) ->
 
     decode = {"int4": median_ms(lambda i: int4(x1, i), DECODE_TRIES)}
     prefill = {"int4": prefill_ms(lambda i: int4(xp, i))}
-    if prefill["int4"] > dense_prefill_ms and cpu_quant.int4_block_rows() is not None:
-        prefill["expand-int4"] = prefill_ms(lambda i: cpu_quant.dequantize_int4(packed[i], scales_zeros))
+    cheaper = prefill["int4"] / PREFILL_ROWS > dense_prefill_ms / DENSE_ROWS
+    if cheaper and cpu_quant.int4_block_rows() is not None:
+        prefill["expand-int4"] = prefill_ms(lambda i: cpu_quant.dequantize_int4(packed[i], scales_zeros)
+                                            .to(DTYPES[dtype]))
     return decode, prefill
 
 

@@ -106,6 +106,7 @@ class QuantizedLinear(nn.Module):
     multiply by it: with the quantized kernel for a few tokens, with W expanded to bfloat16 for many."""
 
     dense_from_tokens: int
+    dense_dtype = torch.bfloat16  # what the weights expand to for prompts: float32 where bfloat16 is slow
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
@@ -115,7 +116,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = F.linear(x, self.dense_weight()) if x.shape[0] >= self.dense_from_tokens else self.kernel(x)
+        if x.shape[0] >= self.dense_from_tokens:
+            y = F.linear(x.to(self.dense_dtype), self.dense_weight().to(self.dense_dtype)).to(torch.bfloat16)
+        else:
+            y = self.kernel(x)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -225,7 +229,8 @@ class Int8Linear(QuantizedLinear):
         return y[:m].mul_(s1).add_(y[m:].mul_(s2)).to(torch.bfloat16)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight_int8.to(torch.bfloat16).mul_(self.scales[:, None])
+        """W in the dense dtype (bfloat16, or float32 where that is the faster matmul)."""
+        return self.weight_int8.to(self.dense_dtype).mul_(self.scales[:, None])
 
 
 def quantized_tensors(name: str, weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError  # noqa: F401 (defined in errors.py, importable here too)
 from .convert import ensure_converted
 from .cpu_quant import DENSE_FROM_TOKENS, Int4Linear, Int8Linear, onednn_int8_exact, swap_linears
 from .profiles import Plan
@@ -35,10 +36,6 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message says why and what to do."""
 
 
 @dataclass
@@ -102,8 +99,8 @@ def choose_cpu_kernels(plan: Plan) -> dict:
     dense_from = dict(measured.dense_from_tokens)
     if int8 != measured.int8:  # forced to the other kernel: its prompt threshold was not measured
         dense_from[8] = DENSE_FROM_TOKENS[8] if int8 == "torch" else sys.maxsize
-    return {"int8": int8, "dense_from_tokens": {bits: None if rows == sys.maxsize else rows  # None: never
-                                                for bits, rows in dense_from.items()},
+    shown = {bits: None if rows == sys.maxsize else rows for bits, rows in dense_from.items()}  # None: never
+    return {"int8": int8, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
             "measured": measured.as_dict()}
 
 
@@ -185,6 +182,7 @@ def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
         if isinstance(module, (Int4Linear, Int8Linear)) and module.dense_from_tokens != sys.maxsize:
             rows = kernels["dense_from_tokens"][4 if isinstance(module, Int4Linear) else 8]
             module.dense_from_tokens = sys.maxsize if rows is None else rows
+            module.dense_dtype = DTYPES[kernels["dense_dtype"]]
     return model
 
 

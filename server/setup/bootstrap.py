@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from ..config import Settings, UserError
+from ..config import Settings
+from ..errors import DownloadError, TransientError  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.checkpoint import CACHE_NAME, missing_files
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ class RemoteFile:
     size: int
     sha256: str | None  # LFS files
     blob_id: str | None  # git blob id (sha1) of small files
-
-
-class DownloadError(UserError):
-    """A download failed in a way the user must act on; the message says how (Chinese, then English)."""
 
 
 def ensure_model(settings: Settings, report: Report | None = None, only: tuple[str, ...] = ()) -> None:
@@ -266,8 +263,6 @@ def check_disk_space(folder: Path, download: int, conversion: int) -> None:
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
-class TransientError(Exception):
-    """A failure worth retrying (network, server busy)."""
 
 
 def hub_call(settings: Settings, what: str, call):

@@ -15,21 +15,10 @@ import ssl
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from ..errors import UpstreamError  # noqa: F401 (defined in errors.py, importable here too)
+
 CONNECT_SECONDS = 5.0  # an engine that does not accept a connection by then counts as down
 READ_SECONDS = 600.0  # between two events: a long prompt on a slow (CPU) engine can take minutes
-
-
-class UpstreamError(Exception):
-    """A call to an upstream failed. `status` is its HTTP status (None: no answer at all)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def unreachable(self) -> bool:
-        """No answer, or a server-side failure: another upstream may do better."""
-        return self.status is None or self.status >= 500 or self.status == 429
 
 
 def normalize_base(url: str) -> str:

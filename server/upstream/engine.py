@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..engine.budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
 from ..engine.engine import EngineBusy, NotReady, load_in_background
 from ..engine.jobs import Job, apply_stop
+from ..errors import UpstreamRejected  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.tokenizer import ChatGLM2Tokenizer
 from . import client
 from .pool import Pool, Upstream
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 8192  # ChatGLM2-6B's chat context, when neither --max-context nor an upstream says
 PER_UPSTREAM = 8  # requests in flight per upstream by default (--max-batch 0); the engines batch them
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "interrupted"}
-
-
-class UpstreamRejected(Exception):
-    """An upstream refused the request itself (a 4xx other than 429): another upstream would refuse it too."""
 
 
 @dataclass(frozen=True)

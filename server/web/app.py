@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
@@ -19,6 +19,7 @@ from .validation import ApiError, shown
 
 log = logging.getLogger(__name__)
 
+ENGINE_KEY, SETTINGS_KEY = "chatglm2.engine", "chatglm2.settings"  # where create_app keeps them (see below)
 OPEN_ROUTES = ("/", "/health")  # answered without the API key: a liveness check reveals nothing
 OPEN_PREFIX = "/ui"  # the page itself; the API calls it makes carry the key
 KEYED_UI = ("/ui/render",)  # costs CPU: only for callers with the key
@@ -33,8 +34,8 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.ensure_ascii = False
     app.json.sort_keys = False
-    app.extensions["chatglm2.engine"] = engine
-    app.extensions["chatglm2.settings"] = settings
+    app.extensions[ENGINE_KEY] = engine
+    app.extensions[SETTINGS_KEY] = settings
     app.register_blueprint(seed_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(web_bp)
@@ -72,6 +73,15 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     return app
+
+
+def current_engine() -> Engine:
+    """The engine of the app handling this request (a local Engine or an UpstreamEngine: the same surface)."""
+    return current_app.extensions[ENGINE_KEY]
+
+
+def current_settings() -> Settings:
+    return current_app.extensions[SETTINGS_KEY]
 
 
 def has_key(api_key: str) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
+from .app import current_engine, current_settings
 from .relay import client_watcher, event_stream, follow, sse, submit, wait_for
 from .validation import ApiError, flag, json_body, number, sampling_fields
 
@@ -24,7 +25,7 @@ MAX_STOPS = 4
 
 
 def model_id() -> str:
-    return current_app.extensions["chatglm2.settings"].model_dir.name or "chatglm2-6b"
+    return current_settings().model_dir.name or "chatglm2-6b"
 
 
 @bp.get("/models")
@@ -113,7 +114,7 @@ def completion_request(body: dict) -> GenerationRequest:
 
 
 def submit_completion(chat: GenerationRequest) -> Job:
-    engine = current_app.extensions["chatglm2.engine"]
+    engine = current_engine()
     try:
         return submit(engine, chat)
     except ApiError as error:
@@ -148,7 +149,7 @@ def chat_completions():
             "index": 0, "message": {"role": "assistant", "content": clean_continuation(finished.generated, prefilled)},
             "logprobs": None, "finish_reason": finish_reason(finished)}], "usage": usage(finished)})
 
-    engine = current_app.extensions["chatglm2.engine"]
+    engine = current_engine()
     watch = client_watcher(request.environ)
 
     def chunk(delta: dict, reason=None, **extra) -> bytes:

@@ -5,10 +5,11 @@ Data path of a chat request: JSON body -> validated GenerationRequest -> engine 
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from ..engine import Engine, Finished, Job, Update
+from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
+from .app import current_engine
 from .relay import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
 from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, shown, text
 
@@ -16,10 +17,6 @@ bp = Blueprint("seed", __name__)
 
 # The original server's sampling defaults.
 TOP_P, TEMPERATURE = 0.7, 1.0
-
-
-def engine() -> Engine:
-    return current_app.extensions["chatglm2.engine"]
 
 
 def chat_request(body: dict) -> GenerationRequest:
@@ -43,9 +40,12 @@ def stream():
     body = json_body(request)
     chat = chat_request(body)
     deltas = flag(body, "delta", False)  # our extension: only what changed, not the whole reply twice per event
-    eng = engine()
+    eng = current_engine()
     job = submit(eng, chat)
-    history = [list(pair) for pair in chat.history]  # as sent, even when old rounds were dropped to fit
+    # The rounds the model saw: as sent when they fit (the original's echo, byte for byte), without the oldest
+    # rounds dropped to fit the context otherwise, so that a huge history is not sent back in every event (a
+    # 1 MB request made a 217 MB reply). The done event says how many rounds were dropped.
+    history = [list(pair) for pair in chat.history[job.prompt.dropped_rounds:]]
     watch = client_watcher(request.environ)
 
     def events():
@@ -88,8 +88,8 @@ def interrupt():
     body = json_body(request) if request.get_data(cache=True).strip() else {}
     job_id = text(body, "id")
     if job_id is None:  # no body, no "id", or "id": null: the original's stop of every running job
-        engine().interrupt()
-    elif not engine().interrupt(job_id):
+        current_engine().interrupt()
+    elif not current_engine().interrupt(job_id):
         raise ApiError(404, f"no queued or running job has the id {shown(job_id)}; it may have finished already")
     return jsonify({"message": "OK", "success": True})
 
@@ -98,7 +98,7 @@ def interrupt():
 def tokenize():
     body = json_body(request)
     value = text(body, "text", required=True)
-    tokenizer = tokenizer_of(engine())
+    tokenizer = tokenizer_of(current_engine())
     pieces = tokenizer.pieces(value)
     answer = {"len": len(pieces)}
     if flag(body, "return_tokens", False):
@@ -112,7 +112,7 @@ def generate():
     body = request.args.to_dict() if request.method == "GET" else json_body(request)
     chat = chat_request(body)
     streaming = flag(body, "stream", False)
-    eng = engine()
+    eng = current_engine()
     job = submit(eng, chat)
     if not streaming:
         finished = wait_for("/generate", job)

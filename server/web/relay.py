@@ -16,7 +16,7 @@ from flask import Response
 
 from ..engine import Engine, EngineBusy, Finished, Job, NotReady, Update
 from ..engine.budget import ContextOverflow, GenerationRequest
-from ..upstream import UpstreamRejected
+from ..errors import UpstreamRejected
 from .validation import ApiError
 
 log = logging.getLogger("server.requests")

@@ -7,6 +7,7 @@ import socket
 import waitress
 
 from ..config import Settings, UserError
+from ..engine.sizing import DEFAULT_MAX_BATCH
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -39,7 +40,8 @@ def make_server(app, settings: Settings):
         return waitress.create_server(
             app, sockets=[listening_socket(settings.host, settings.port)],
             # every waiting or decoding stream holds a thread; leave some for quick calls
-            threads=settings.max_queue + (getattr(app.extensions.get("chatglm2.engine"), "max_batch", 0) or 8) + 4,
+            # (the engine chooses its batch size only once the model has loaded, after this: take the most it may)
+            threads=settings.max_queue + (settings.max_batch or max(DEFAULT_MAX_BATCH.values())) + 4,
             channel_request_lookahead=1,  # lets waitress report a disconnected client to the app
             # Flask enforces max_body_bytes with a JSON 413; waitress's own (plain-text) limit stays a backstop
             max_request_body_size=4 * settings.max_body_bytes + 65536,

@@ -11,18 +11,9 @@ import math
 
 from flask import Request
 
+from ..errors import ApiError  # noqa: F401 (defined in errors.py, importable here too)
+
 MAX_TEMPERATURE = 2.0
-
-
-class ApiError(Exception):
-    """A request the server refuses: an HTTP status, a message that says what to do, and extra fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None, **extra):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-        self.extra = extra
 
 
 def json_body(request: Request) -> dict:
