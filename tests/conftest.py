@@ -31,6 +31,19 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_lasting_log_handlers():
+    """A test that runs `main()` in this process (export) leaves the console and server.log handlers of
+    cli.setup_logging behind: remove them, so later tests' log lines do not reach the real console."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "from_setup_logging", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny checkpoint whose replies never end before max_length (eos is always unlikely)."""
