@@ -715,3 +715,19 @@ def test_the_page_on_a_front_end_says_when_its_backend_is_away_and_goes_on_after
         assert len(u.bot_texts()) == 2 and u.bot_texts()[-1].strip()
     finally:
         u.context.close()
+
+
+def test_the_page_is_styled_and_runs_where_mimetypes_says_text_plain(ui, monkeypatch):
+    """Windows registries often map .js and .css to text/plain, which Python's mimetypes reads; a stylesheet of
+    that type is refused by the browser. The server names the page's types itself."""
+    import mimetypes
+
+    real = mimetypes.guess_type
+    monkeypatch.setattr(mimetypes, "guess_type", lambda url, strict=True: ("text/plain", None)
+                        if str(url).endswith((".js", ".css", ".html")) else real(url, strict))
+    u = ui()  # (it waits for the conversation list, which app.js fills)
+    styled = u.page.evaluate("""() => [...document.styleSheets].some(
+        s => s.href && s.href.endsWith('app.css') && s.cssRules.length > 20)""")
+    assert styled
+    u.send("你好")
+    assert u.bot_texts() and u.bot_texts()[-1]
