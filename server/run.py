@@ -61,9 +61,9 @@ def run_server(settings: Settings) -> int:
 
 
 def stop_on_terminate() -> None:
-    """SIGTERM (a service manager, `docker stop`, `kill`) and on Windows SIGBREAK (Ctrl+Break; closing the console
-    window arrives as it too) stop the server as Ctrl+C does: running and queued replies end as interrupted, with
-    their final events and log lines, instead of the process dying mid-stream."""
+    """SIGTERM (a service manager, `docker stop`, `kill`) and on Windows SIGBREAK (Ctrl+Break) stop the server as
+    Ctrl+C does: running and queued replies end as interrupted, with their final events and log lines, instead of
+    the process dying mid-stream. (Closing the console window on Windows is not covered: not tested here.)"""
     if threading.current_thread() is not threading.main_thread():
         return
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, s
     from .prefix_cache import PrefixCache
     from .sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Prefilling:
@@ -36,8 +38,6 @@ class Prefilling:
     seq: Sequence
     cache: object  # DynamicCache, filled chunk by chunk
     todo: list[int]  # prompt ids not run yet
-
-log = logging.getLogger(__name__)
 
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
@@ -288,13 +288,16 @@ class Engine:
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
         try:
             logits = prefill(self.loaded.model, chunk, waiting.cache)
-            if waiting.todo:
-                return
+        except Exception as exc:  # out of memory or a model error: this job fails, the engine goes on
             self._prefilling.popleft()
+            self._fail([seq], exc)
+            return
+        if waiting.todo:
+            return
+        self._prefilling.popleft()
+        try:
             goes_on = seq.advance(logits)
-        except Exception as exc:  # out of memory, a model error, sampling: this job fails, the engine goes on
-            if self._prefilling and self._prefilling[0] is waiting:
-                self._prefilling.popleft()
+        except Exception as exc:  # sampling or reporting failed: this job fails, the engine goes on
             self._fail([seq], exc)
             return
         if goes_on:
