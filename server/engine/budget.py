@@ -39,10 +39,10 @@ def fit_prompt(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, max_con
                reply_reserve: int) -> FittedPrompt:
     if request.max_new_tokens is not None:
         total = max_context
-        reserve = min(reply_reserve, request.max_new_tokens)
+        reserve = min(reply_reserve, request.max_new_tokens, total // 4)
     else:
         total = min(request.max_length or max_context, max_context)
-        reserve = min(reply_reserve, total // 4)
+        reserve = min(reply_reserve, total // 4)  # (a reserve above the whole context left no room at all)
     limit = total - max(reserve, 1)
 
     dropped = rounds_to_drop(tokenizer, request, limit)

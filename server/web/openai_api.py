@@ -25,13 +25,24 @@ MAX_STOPS = 4
 
 
 def model_id() -> str:
-    return current_settings().model_dir.name or "chatglm2-6b"
+    """The model's name (`chatglm2-6b`): the last part of its hub repository. A request may name any model:
+    there is one, and clients configured for another name (an alias) reach it too."""
+    return current_settings().repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
+
+
+def model_card() -> dict:
+    return {"id": model_id(), "object": "model", "created": 1687132800,
+            "owned_by": current_settings().repo.split("/", 1)[0] if "/" in current_settings().repo else "THUDM"}
 
 
 @bp.get("/models")
 def models():
-    return jsonify({"object": "list", "data": [
-        {"id": model_id(), "object": "model", "created": 1687132800, "owned_by": "THUDM"}]})
+    return jsonify({"object": "list", "data": [model_card()]})
+
+
+@bp.get("/models/<path:name>")
+def model(name: str):
+    return jsonify(model_card())  # any name is an alias of the one model
 
 
 def message_text(message: dict, i: int) -> str:
@@ -144,7 +155,7 @@ def chat_completions():
     prefilled = bool(chat.answer_prefix)
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": model_id()}
     if not streaming:
-        finished = wait_for("/v1/chat/completions", job)
+        finished = wait_for(current_engine(), "/v1/chat/completions", job, client_watcher(request.environ))
         return jsonify({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": clean_continuation(finished.generated, prefilled)},
             "logprobs": None, "finish_reason": finish_reason(finished)}], "usage": usage(finished)})

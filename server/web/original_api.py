@@ -115,7 +115,7 @@ def generate():
     eng = current_engine()
     job = submit(eng, chat)
     if not streaming:
-        finished = wait_for("/generate", job)
+        finished = wait_for(eng, "/generate", job, client_watcher(request.environ))
         # the plain-text body cannot say how it ended: the header does (stop, length or interrupted)
         return Response(finished.text, content_type="text/plain; charset=utf-8",
                         headers={"X-Job-Id": job.id, "X-Finish-Reason": finished.finish_reason})

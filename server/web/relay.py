@@ -1,6 +1,6 @@
 """Between HTTP and the engine: submit a job, follow its events while watching the client, frame SSE, log it.
 
-A streaming client that goes away cancels its job: waitress reports the disconnect through
+A client that goes away cancels its job, streamed or not: waitress reports the disconnect through
 `waitress.client_disconnected` (checked between events and while a job waits in the queue), and a write to a
 closed socket ends the response generator, whose cleanup interrupts the job.
 """
@@ -80,10 +80,14 @@ def follow(engine: Engine, job: Job, disconnected: Callable[[], bool], route: st
             engine.interrupt(job.id)
 
 
-def wait_for(route: str, job: Job) -> Finished:
-    """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry."""
-    job.when_finished(lambda done: log_finished(route, job, done))
-    finished = job.wait()
+def wait_for(engine: Engine, route: str, job: Job, disconnected: Callable[[], bool]) -> Finished:
+    """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry.
+
+    The client may leave while it waits (a timeout, a cancelled task, an SDK's retry): waitress then reports the
+    closed connection, and the job is interrupted instead of generating for nobody."""
+    for _ in follow(engine, job, disconnected, route):
+        pass  # (follow ends with the Finished event, kept in job.result)
+    finished = job.result
     if finished.finish_reason == "error":
         raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
                        code="generation_failed", headers=RETRY_AFTER)
