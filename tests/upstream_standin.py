@@ -79,7 +79,13 @@ class StandIn:
                 return error(400, f"This model's maximum context length is {self.engine.max_context} tokens.")
             job = Job(request=GenerationRequest(query="", temperature=body.get("temperature", 1.0),
                                                 top_p=body.get("top_p", 1.0), seed=body.get("seed"),
-                                                stop=body.get("stop") or []),
+                                                stop=body.get("stop") or [], top_k=max(body.get("top_k", 0), 0),
+                                                min_p=body.get("min_p", 0.0),
+                                                presence_penalty=body.get("presence_penalty", 0.0),
+                                                frequency_penalty=body.get("frequency_penalty", 0.0),
+                                                repetition_penalty=body.get("repetition_penalty", 1.0),
+                                                logit_bias={int(i): b for i, b in
+                                                            (body.get("logit_bias") or {}).items()}),
                       prompt=FittedPrompt(ids=ids, dropped_rounds=0, max_new_tokens=body["max_tokens"]))
             try:
                 self.engine.enqueue(job)

@@ -12,7 +12,7 @@ import torch
 
 from ..model.tokenizer import ChatGLM2Tokenizer
 from .jobs import Job, apply_stop
-from .sampling import Sampling, new_generator, sample
+from .sampling import Penalties, PenaltyState, Sampling, new_generator, sample
 
 
 class Sequence:
@@ -20,8 +20,12 @@ class Sequence:
         req = job.request
         self.job = job
         self.eos_id = tokenizer.eos_id
-        self.mask = mask
-        self.sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        self.mask = with_bias(mask, req.logit_bias)
+        self.sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed, top_k=req.top_k,
+                                 min_p=req.min_p)
+        penalties = Penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        self.penalties = PenaltyState(penalties, job.prompt.ids, mask.shape[-1], mask.device) \
+            if penalties.active else None
         self.generator = new_generator(self.sampling, mask.device)
         self.decoder = tokenizer.stream_decoder()
         self.ids = list(job.prompt.ids)  # every id whose keys and values are in this sequence's cache
@@ -34,7 +38,11 @@ class Sequence:
 
     def advance(self, logits: torch.Tensor) -> bool:
         """Sample the next token from `logits` [vocab] and report it. False when the sequence has ended."""
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits)
         token = sample(logits + self.mask, self.sampling, self.generator)
+        if self.penalties is not None:
+            self.penalties.add(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token == self.eos_id:
@@ -67,3 +75,13 @@ class Sequence:
         generated = apply_stop(self.decoder.text, self.job.request.stop)[0]
         self.job.finish(generated, self.shown, self.reason, self.completion_tokens, self.first_token_at,
                         self.cached_tokens, error)
+
+
+def with_bias(mask: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """The vocabulary mask plus a request's logit_bias (a banned id stays banned)."""
+    if not bias:
+        return mask
+    mask = mask.clone()
+    ids = torch.tensor(list(bias), dtype=torch.long, device=mask.device)
+    mask[ids] += torch.tensor(list(bias.values()), dtype=mask.dtype, device=mask.device)
+    return mask

@@ -308,7 +308,14 @@ def completion_body(upstream: Upstream, job: Job, banned: range, text: str | Non
     body = {"model": upstream.model or "chatglm2-6b", "prompt": job.prompt.ids if text is None else text,
             "max_tokens": job.prompt.max_new_tokens, "temperature": 0.0 if greedy else req.temperature,
             "top_p": 1.0 if greedy else req.top_p, "stream": True, "stream_options": {"include_usage": True},
-            "logit_bias": {str(i): -100 for i in banned}}
+            "logit_bias": {**{str(i): b for i, b in req.logit_bias.items()}, **{str(i): -100 for i in banned}}}
+    # the other sampling knobs under vLLM's and SGLang's names (llama-server also reads these; its repetition
+    # penalty is `repeat_penalty`): sent only when set, so that an engine without one is not disturbed
+    knobs = {"top_k": (req.top_k, 0), "min_p": (req.min_p, 0.0), "presence_penalty": (req.presence_penalty, 0.0),
+             "frequency_penalty": (req.frequency_penalty, 0.0), "repetition_penalty": (req.repetition_penalty, 1.0)}
+    body.update({name: value for name, (value, off) in knobs.items() if value != off})
+    if req.repetition_penalty != 1.0:
+        body["repeat_penalty"] = req.repetition_penalty
     if req.seed is not None:
         body["seed"] = req.seed % 2**63  # the engines take a signed 64-bit seed
     if req.stop:

@@ -15,13 +15,18 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
 from .app import current_engine, current_settings
-from .relay import client_watcher, event_stream, follow, sse, submit, wait_for
-from .validation import ApiError, flag, json_body, number, sampling_fields
+from .relay import client_watcher, event_stream, follow, sse, submit, tokenizer_of, wait_for
+from .validation import ApiError, flag, json_body, logit_bias, number, penalty_fields, refuse_unknown, sampling_fields
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 TOP_P, TEMPERATURE = 0.7, 1.0  # the seed's defaults, which suit ChatGLM2 better than OpenAI's top_p=1
 MAX_STOPS = 4
+SAMPLING = {"temperature", "top_p", "seed", "stop", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "logit_bias"}
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", *SAMPLING}
+# Accepted without effect: they describe the caller or OpenAI's own storage and billing, not the reply.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
 def model_id() -> str:
@@ -109,6 +114,7 @@ def stop_strings(body: dict) -> list[str]:
 
 
 def completion_request(body: dict) -> GenerationRequest:
+    refuse_unknown(body, CHAT_FIELDS, IGNORED)
     n = number(body, "n", 1, integer=True)
     if n != 1:
         raise ApiError(400, f"'n' must be 1: this server generates one choice per request, not {n}", param="n")
@@ -120,8 +126,14 @@ def completion_request(body: dict) -> GenerationRequest:
         query=query, history=history, answer_prefix=prefix, max_new_tokens=max_tokens,
         seed=number(body, "seed", None, integer=True, low=-2**63, high=2**64 - 1),  # what torch's generator takes
         stop=stop_strings(body),
-        **sampling_fields(body, TOP_P, TEMPERATURE),
+        **sampling_fields(body, TOP_P, TEMPERATURE), **penalty_fields(body), **bias_field(body),
     )
+
+
+def bias_field(body: dict) -> dict:
+    if body.get("logit_bias") is None:
+        return {}
+    return {"logit_bias": logit_bias(body, tokenizer_of(current_engine()).first_special_id)}
 
 
 def submit_completion(chat: GenerationRequest) -> Job:

@@ -11,7 +11,18 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from .app import current_engine
 from .relay import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
-from .validation import ApiError, flag, history_pairs, json_body, number, sampling_fields, shown, text
+from .validation import (
+    ApiError,
+    flag,
+    history_pairs,
+    json_body,
+    number,
+    penalty_fields,
+    refuse_unknown,
+    sampling_fields,
+    shown,
+    text,
+)
 
 bp = Blueprint("seed", __name__)
 
@@ -19,14 +30,20 @@ bp = Blueprint("seed", __name__)
 TOP_P, TEMPERATURE = 0.7, 1.0
 
 
+CHAT_FIELDS = {"query", "answer_prefix", "history", "max_length", "top_p", "temperature", "top_k", "min_p",
+               "presence_penalty", "frequency_penalty", "repetition_penalty", "delta", "stream"}
+
+
 def chat_request(body: dict) -> GenerationRequest:
-    """The seed's fields: query, answer_prefix, max_length, history, top_p, temperature."""
+    """The seed's fields (query, answer_prefix, max_length, history, top_p, temperature), the sampling knobs, and
+    the framing flags `delta` (/stream) and `stream` (/generate)."""
+    refuse_unknown(body, CHAT_FIELDS)
     return GenerationRequest(
         query=text(body, "query", required=True, allow_empty=False),
         answer_prefix=text(body, "answer_prefix", default=""),
         history=history_pairs(body),
         max_length=number(body, "max_length", None, integer=True, low=0, low_open=True),
-        **sampling_fields(body, TOP_P, TEMPERATURE),
+        **sampling_fields(body, TOP_P, TEMPERATURE), **penalty_fields(body),
     )
 
 

@@ -143,3 +143,47 @@ def sampling_fields(body: dict, top_p_default: float, temperature_default: float
         # below MIN_TEMPERATURE sampling is greedy (generate.sample): logits / 1e-40 overflow to inf
         "temperature": number(body, "temperature", temperature_default, low=0, high=MAX_TEMPERATURE),
     }
+
+
+def penalty_fields(body: dict) -> dict:
+    """Sampling knobs beyond temperature/top_p that every route takes under OpenAI's and vLLM's names."""
+    top_k = number(body, "top_k", 0, integer=True, low=-1)
+    return {
+        "top_k": max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean no limit
+        "min_p": number(body, "min_p", 0.0, low=0, high=1),
+        "presence_penalty": number(body, "presence_penalty", 0.0, low=-2, high=2),
+        "frequency_penalty": number(body, "frequency_penalty", 0.0, low=-2, high=2),
+        "repetition_penalty": number(body, "repetition_penalty", 1.0, low=0, high=2, low_open=True),
+    }
+
+
+def logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most 300 entries."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 300:
+        raise ApiError(400, "'logit_bias' must be an object of at most 300 {\"token id\": bias} entries",
+                       param="logit_bias")
+    bias = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"'logit_bias' keys must be token ids, not {shown(key)}", param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise ApiError(400, f"'logit_bias' token {token} is not in the vocabulary (0 to {vocab - 1})",
+                           param="logit_bias")
+        bias[token] = number({"logit_bias": amount}, "logit_bias", None, low=-100, high=100)
+    return bias
+
+
+def refuse_unknown(body: dict, known: set[str], ignored: frozenset[str] = frozenset()) -> None:
+    """A field this route does not implement is refused by name: a client must not believe it took effect.
+    `ignored` fields are accepted and have no effect on a local model by their nature (`user`, `store`, …)."""
+    unknown = sorted(set(body) - known - ignored)
+    if unknown:
+        names = ", ".join(f"'{name}'" for name in unknown)
+        raise ApiError(400, f"{names} {'is' if len(unknown) == 1 else 'are'} not supported by this server; remove "
+                            f"{'it' if len(unknown) == 1 else 'them'} (see docs/api.md for the fields it takes)",
+                       param=unknown[0], code="unsupported_field")
