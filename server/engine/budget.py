@@ -32,6 +32,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: str | None = None  # llguidance grammar the reply must follow (engine/grammar.py)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ WORKER_STOPPED = "the engine worker stopped (the server log says why); restart t
 
 
 class Engine:
+    constrained_decoding = True  # grammars, logprobs and n choices need the model's logits: only a local engine
+
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
                  prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0):
         self.max_queue = max_queue

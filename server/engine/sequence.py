@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..model.tokenizer import ChatGLM2Tokenizer
+from .grammar import Constraint
 from .jobs import Job, apply_stop
 from .sampling import Penalties, PenaltyState, Sampling, new_generator, sample
 
@@ -27,6 +28,8 @@ class Sequence:
         self.penalties = PenaltyState(penalties, job.prompt.ids, mask.shape[-1], mask.device) \
             if penalties.active else None
         self.generator = new_generator(self.sampling, mask.device)
+        self.constraint = Constraint(req.grammar, tokenizer, mask.shape[-1], req.answer_prefix) \
+            if req.grammar else None
         self.decoder = tokenizer.stream_decoder()
         self.ids = list(job.prompt.ids)  # every id whose keys and values are in this sequence's cache
         self.cached_tokens = cached_tokens
@@ -40,9 +43,14 @@ class Sequence:
         """Sample the next token from `logits` [vocab] and report it. False when the sequence has ended."""
         if self.penalties is not None:
             logits = self.penalties.apply(logits)
-        token = sample(logits + self.mask, self.sampling, self.generator)
+        logits = logits + self.mask
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
+        token = sample(logits, self.sampling, self.generator)
         if self.penalties is not None:
             self.penalties.add(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token == self.eos_id:
@@ -55,6 +63,9 @@ class Sequence:
             if hit:
                 self.reason = "stop"
                 return False
+        if self.constraint is not None and self.constraint.complete:
+            self.reason = "stop"
+            return False
         if self.job.cancelled.is_set():
             self.reason = "interrupted"
             return False

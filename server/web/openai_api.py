@@ -16,6 +16,7 @@ from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
 from .app import current_engine, current_settings
 from .relay import client_watcher, event_stream, follow, sse, submit, tokenizer_of, wait_for
+from .structured import checked, response_format_grammar
 from .validation import ApiError, flag, json_body, logit_bias, number, penalty_fields, refuse_unknown, sampling_fields
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -24,7 +25,8 @@ TOP_P, TEMPERATURE = 0.7, 1.0  # the seed's defaults, which suit ChatGLM2 better
 MAX_STOPS = 4
 SAMPLING = {"temperature", "top_p", "seed", "stop", "top_k", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty", "logit_bias"}
-CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", *SAMPLING}
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options",
+               "response_format", *SAMPLING}
 # Accepted without effect: they describe the caller or OpenAI's own storage and billing, not the reply.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
@@ -119,6 +121,7 @@ def completion_request(body: dict) -> GenerationRequest:
     if n != 1:
         raise ApiError(400, f"'n' must be 1: this server generates one choice per request, not {n}", param="n")
     query, history, prefix = to_rounds(body.get("messages"))
+    grammar = checked(response_format_grammar(body.get("response_format")), current_engine(), prefix)
     max_tokens = number(body, "max_completion_tokens", None, integer=True, low=1)
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", None, integer=True, low=1)
@@ -126,7 +129,7 @@ def completion_request(body: dict) -> GenerationRequest:
         query=query, history=history, answer_prefix=prefix, max_new_tokens=max_tokens,
         seed=number(body, "seed", None, integer=True, low=-2**63, high=2**64 - 1),  # what torch's generator takes
         stop=stop_strings(body),
-        **sampling_fields(body, TOP_P, TEMPERATURE), **penalty_fields(body), **bias_field(body),
+        **sampling_fields(body, TOP_P, TEMPERATURE), **penalty_fields(body), **bias_field(body), grammar=grammar,
     )
 
 

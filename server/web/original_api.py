@@ -11,12 +11,14 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from .app import current_engine
 from .relay import client_watcher, event_stream, follow, sse, submit, summary, tokenizer_of, wait_for
+from .structured import checked, response_format_grammar
 from .validation import (
     ApiError,
     flag,
     history_pairs,
     json_body,
     number,
+    parse_json,
     penalty_fields,
     refuse_unknown,
     sampling_fields,
@@ -31,16 +33,21 @@ TOP_P, TEMPERATURE = 0.7, 1.0
 
 
 CHAT_FIELDS = {"query", "answer_prefix", "history", "max_length", "top_p", "temperature", "top_k", "min_p",
-               "presence_penalty", "frequency_penalty", "repetition_penalty", "delta", "stream"}
+               "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "delta", "stream"}
 
 
 def chat_request(body: dict) -> GenerationRequest:
     """The seed's fields (query, answer_prefix, max_length, history, top_p, temperature), the sampling knobs, and
     the framing flags `delta` (/stream) and `stream` (/generate)."""
     refuse_unknown(body, CHAT_FIELDS)
-    return GenerationRequest(
+    prefix = text(body, "answer_prefix", default="")
+    response_format = body.get("response_format")
+    if isinstance(response_format, str):  # GET /generate passes objects as JSON strings
+        response_format = parse_json(response_format, "'response_format'", param="response_format")
+    grammar = checked(response_format_grammar(response_format), current_engine(), prefix)
+    return GenerationRequest(grammar=grammar,
         query=text(body, "query", required=True, allow_empty=False),
-        answer_prefix=text(body, "answer_prefix", default=""),
+        answer_prefix=prefix,
         history=history_pairs(body),
         max_length=number(body, "max_length", None, integer=True, low=0, low_open=True),
         **sampling_fields(body, TOP_P, TEMPERATURE), **penalty_fields(body),

@@ -1,0 +1,119 @@
+"""Constrained decoding: a grammar (a JSON Schema, a tool call) enforced token by token with llguidance.
+
+Each constrained sequence owns a matcher. Before sampling, the matcher's bitmask of allowed ids sets every other
+logit to -inf, so that no sample, however unlikely, can break the format; after sampling the matcher consumes
+the token. Once the grammar is complete the matcher stops the reply (or allows only eos).
+
+llguidance rather than xgrammar: the same JSON Schema coverage for our needs, masks computed lazily (~0.05 ms a
+token on ChatGLM2's 65,024 ids, against a 700 ms CPU decode step), one dependency-free abi3 wheel per platform
+(xgrammar pulls torch, triton and apache-tvm-ffi), MIT licensed, and errors that name the unsupported construct.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..model.tokenizer import ChatGLM2Tokenizer
+
+# JSON as json.dumps writes it ({"a": 1, "b": [2, 3]}): what ChatGLM2 writes unprompted, and no whitespace
+# between tokens otherwise, so that a model that hesitates cannot spend its whole reply on indentation.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BITS = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
+
+
+class GrammarError(ValueError):
+    """A schema or grammar the engine cannot compile; the message names the construct."""
+
+
+def json_schema_grammar(schema: dict | None) -> str:
+    """The grammar of one JSON value valid for `schema` (any JSON object when None), after the optional leading
+    space a sentencepiece reply starts with."""
+    return lark_grammar('start: " "? value\nvalue: ' + json_rule(schema or {"type": "object"}))
+
+
+def json_rule(schema: dict) -> str:
+    """A Lark rule body for a JSON Schema, with this server's whitespace."""
+    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}},
+                                 ensure_ascii=False)
+
+
+def lark_grammar(lark: str) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+class Constraint:
+    """One sequence's matcher: `apply` masks logits, `accept` consumes the sampled id."""
+
+    def __init__(self, grammar: str, tokenizer: ChatGLM2Tokenizer, vocab_size: int, answer_prefix: str = ""):
+        import llguidance
+
+        self.tokenizer = tokenizer
+        self.matcher = llguidance.LLMatcher(guidance_tokenizer(tokenizer, vocab_size), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(short_error(self.matcher.get_error()))
+        if answer_prefix and not self.matcher.consume_tokens(text_ids(tokenizer, answer_prefix)):
+            raise GrammarError(f"the answer prefix {answer_prefix[:40]!r} does not begin a reply of this format")
+        self.bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self.vocab_size = vocab_size
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [vocab] with every id the grammar does not allow next at -inf."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        allowed = ((self.bitmask.unsqueeze(1) & _BITS) != 0).flatten()[:self.vocab_size]
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):  # cannot happen after apply(); never let it pass silently
+            raise RuntimeError(f"the grammar refused token {token}: {short_error(self.matcher.get_error())}")
+
+    @property
+    def complete(self) -> bool:
+        """The grammar allows nothing more: the reply is done."""
+        return self.matcher.is_stopped()
+
+
+def short_error(error: str) -> str:
+    """llguidance's message without its parser dump."""
+    return error.split("\n<state>")[0].strip()[:300]
+
+
+def text_ids(tokenizer: ChatGLM2Tokenizer, text: str) -> list[int]:
+    """Ids whose bytes are exactly `text`: sentencepiece's encode adds a leading "▁" (its dummy prefix), so the
+    text is encoded after a newline, whose two pieces ("▁", "<0x0A>") are then dropped."""
+    ids = tokenizer.sp.encode("\n" + text)
+    return ids[2:]
+
+
+def guidance_tokenizer(tokenizer: ChatGLM2Tokenizer, vocab_size: int):
+    """llguidance's view of the vocabulary (each id's bytes), built once per tokenizer (~0.2 s)."""
+    import llguidance
+
+    cached = getattr(tokenizer, "_guidance", None)
+    if cached is not None and cached[0] == vocab_size:
+        return cached[1]
+    sp = tokenizer.sp
+    pieces = []
+    for i in range(vocab_size):
+        if i >= tokenizer.n_pieces or sp.is_control(i) or sp.is_unknown(i):
+            pieces.append(b"")
+        elif sp.is_byte(i):
+            pieces.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+        else:
+            pieces.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    class Vocabulary:  # the shape llguidance.TokenizerWrapper reads
+        eos_token_id = tokenizer.eos_id
+        bos_token_id = None
+        tokens = pieces
+        special_token_ids = [i for i, piece in enumerate(pieces) if not piece]
+
+        def __call__(self, text):
+            return text_ids(tokenizer, text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+    guidance = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()), n_vocab=vocab_size)
+    tokenizer._guidance = (vocab_size, guidance)
+    return guidance
