@@ -238,3 +238,20 @@ def test_a_job_interrupted_while_its_prompt_runs_ends_as_interrupted(engine_for,
     assert streaming.result is None  # untouched
     engine.interrupt(streaming.id)
     assert streaming.wait(timeout=30).finish_reason == "interrupted"
+
+
+def test_choices_sharing_a_prompt_go_on_when_the_first_is_interrupted(engine_for, slow_model):
+    """n choices share one prefill; interrupting the one whose prompt runs hands the prompt to the next."""
+    engine = engine_for(slow_model, max_batch=5, prompt_cache_mb=0, prefill_chunk=4)
+    streaming = engine.submit(GenerationRequest(query="hi", max_new_tokens=200, **GREEDY))
+    streaming.next_event(timeout=30)
+    shared = GenerationRequest(query="hello world 你好 " * 30, max_new_tokens=5, **GREEDY)
+    jobs = engine.submit_all([shared, shared, shared])
+    time.sleep(0.1)  # a few chunks of the shared prompt have run
+    assert all(job.result is None for job in jobs)
+    engine.interrupt(jobs[0].id)
+    assert jobs[0].wait(timeout=30).finish_reason == "interrupted"
+    rest = [job.wait(timeout=60) for job in jobs[1:]]
+    engine.interrupt(streaming.id)
+    alone = engine.submit(shared).wait(timeout=60)
+    assert [r.text for r in rest] == [alone.text, alone.text] and all(r.finish_reason == "length" for r in rest)

@@ -12,7 +12,7 @@ from server.cli import main
 from server.model.export import export, fast_tokenizer
 from server.model.loader import load_model
 from server.model.tokenizer import ChatGLM2Tokenizer
-from server.web.openai_api import to_rounds
+from server.web.messages import to_rounds
 from tests.conftest import REAL_TOKENIZER, cpu_plan
 
 CORPUS = ["你好", "Hello world", "  leading spaces", "a  b   c", "line1\nline2\n\n\tTab", "def f(x):\n    return x**2\n",

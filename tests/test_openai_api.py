@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from server.engine.budget import GenerationRequest
-from server.web.openai_api import to_rounds
+from server.web.messages import to_rounds
 from server.web.validation import ApiError
 
 
@@ -105,17 +105,17 @@ def test_seed_makes_sampling_repeatable(client):
     assert ask(11) == ask(11) != ask(12)
 
 
-def test_n_other_than_one_is_refused(client):
+def test_n_below_one_is_refused(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], n=2)
-    assert err.value.status_code == 400 and "'n' must be 1" in err.value.message
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], n=0)
+    assert err.value.status_code == 400 and "'n' must be >= 1" in err.value.message
     assert err.value.body["param"] == "n"
 
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "at least one user message"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "not supported"),
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "not supported"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "'temperature' must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "'max_tokens' must be >= 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "'stop' must be"),

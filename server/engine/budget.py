@@ -33,6 +33,9 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     grammar: str | None = None  # llguidance grammar the reply must follow (engine/grammar.py)
+    logprobs: int | None = None  # report each reply token's logprob and this many top alternatives (None: off)
+    prompt_ids: list[int] | None = None  # a raw prompt (/v1/completions): these ids instead of the chat template
+    echo_logprobs: bool = False  # also score the prompt's tokens (runs it whole, not from the prefix cache)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,11 @@ def fit_prompt(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, max_con
         reserve = min(reply_reserve, total // 4)  # (a reserve above the whole context left no room at all)
     limit = total - max(reserve, 1)
 
-    dropped = rounds_to_drop(tokenizer, request, limit)
-    ids = tokenizer.build_prompt(request.query, request.history[dropped:], request.answer_prefix)
+    if request.prompt_ids is not None:  # a raw prompt is never cut: it fits or is refused
+        dropped, ids = 0, list(request.prompt_ids)
+    else:
+        dropped = rounds_to_drop(tokenizer, request, limit)
+        ids = tokenizer.build_prompt(request.query, request.history[dropped:], request.answer_prefix)
     if len(ids) > limit:
         raise ContextOverflow(len(ids), limit, max_context)
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import UserError
@@ -38,6 +38,11 @@ class Prefilling:
     seq: Sequence
     cache: object  # DynamicCache, filled chunk by chunk
     todo: list[int]  # prompt ids not run yet
+    followers: list[Sequence] = field(default_factory=list)  # same prompt, admitted with it: share its run
+
+    @property
+    def rows(self) -> int:
+        return 1 + len(self.followers)
 
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
@@ -144,17 +149,22 @@ class Engine:
         return fit_prompt(self._ready().tokenizer, request, self.max_context, self.reply_reserve)
 
     def submit(self, request: GenerationRequest) -> Job:
-        return self.enqueue(Job(request=request, prompt=self.fit(request)))
+        return self.submit_all([request])[0]
 
-    def enqueue(self, job: Job) -> Job:
-        """Queue a job whose prompt is already fitted (raises EngineBusy when the queue is full)."""
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Job]:
+        """Queue several jobs at once (n choices): all or none, admitted in the same turn when the batch has
+        room, so that identical prompts run once."""
+        return self.enqueue(*[Job(request=request, prompt=self.fit(request)) for request in requests])
+
+    def enqueue(self, *jobs: Job) -> list[Job]:
+        """Queue jobs whose prompts are already fitted (raises EngineBusy when the queue has no room for all)."""
         with self._lock:
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(jobs) > self.max_queue:
                 raise EngineBusy(f"the server is busy: {len(self._pending)} requests are already waiting; "
                                  f"try again in a moment")
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self._lock.notify()
-        return job
+        return list(jobs)
 
     def interrupt(self, job_id: str | None = None) -> bool:
         """Stop the job `job_id`, queued or running, or without an id every running job (the seed's global stop).
@@ -226,7 +236,7 @@ class Engine:
             if self._closed and not self._busy():
                 return False
             admitted = []
-            while self._pending and len(self._batch) + len(self._prefilling) + len(admitted) < self.max_batch:
+            while self._pending and self._rows_taken() + len(admitted) < self.max_batch:
                 job = self._pending.popleft()
                 self._running[job.id] = job
                 admitted.append(job)
@@ -244,6 +254,9 @@ class Engine:
 
     def _busy(self) -> bool:
         return bool(self._batch.rows or self._prefilling)
+
+    def _rows_taken(self) -> int:
+        return len(self._batch) + sum(waiting.rows for waiting in self._prefilling)
 
     def _fail_all(self, error: str, queued_too: bool = False) -> None:
         """End every running job (and the queued ones too) with `error` and empty the batch."""
@@ -269,8 +282,16 @@ class Engine:
             self._forget(job)
             return
         ids = job.prompt.ids
-        cached, tensors = self.prefix_cache.lookup(ids, self.loaded.device)
+        if job.request.echo_logprobs:  # every prompt token is scored: none may come from the cache
+            cached, tensors = 0, None
+        else:
+            cached, tensors = self.prefix_cache.lookup(ids, self.loaded.device)
         seq = Sequence(job, self.loaded.tokenizer, self._mask, cached_tokens=cached)
+        twin = next((w for w in self._prefilling if w.seq.ids == ids and len(w.todo) == len(ids) - cached
+                     and not job.request.echo_logprobs and not w.seq.job.request.echo_logprobs), None)
+        if twin is not None:  # the same prompt, not started: run it once for both (n choices, say)
+            twin.followers.append(seq)
+            return
         self._prefilling.append(Prefilling(seq, cache_from(self.loaded.model.config, tensors or []), ids[cached:]))
 
     def _prefill_chunk(self) -> None:
@@ -278,34 +299,45 @@ class Engine:
         a long prompt does not stall them), all of it when none do. After its last chunk the job samples its
         first token and joins the batch, unless that token already ends it."""
         from ..model.forward import prefill
+        from .batch import cache_from
 
         waiting = self._prefilling[0]
         seq = waiting.seq
         if seq.job.cancelled.is_set():  # interrupted or disconnected while its prompt ran
-            self._prefilling.popleft()
             seq.reason = "interrupted"
             self._end(seq, None)
+            if waiting.followers:  # the others still want the prompt: the next one leads
+                waiting.seq = waiting.followers.pop(0)
+            else:
+                self._prefilling.popleft()
             return
         size = self.prefill_chunk if self._batch.rows else len(waiting.todo)
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
         try:
-            logits = prefill(self.loaded.model, chunk, waiting.cache)
-        except Exception as exc:  # out of memory or a model error: this job fails, the engine goes on
+            logits = prefill(self.loaded.model, chunk, waiting.cache, every_position=seq.prompt_score is not None)
+            if seq.prompt_score is not None:
+                logits = seq.prompt_score.add(chunk, logits)
+        except Exception as exc:  # out of memory or a model error: these jobs fail, the engine goes on
             self._prefilling.popleft()
-            self._fail([seq], exc)
+            self._fail([seq, *waiting.followers], exc)
             return
         if waiting.todo:
             return
         self._prefilling.popleft()
-        try:
-            goes_on = seq.advance(logits)
-        except Exception as exc:  # sampling or reporting failed: this job fails, the engine goes on
-            self._fail([seq], exc)
-            return
-        if goes_on:
-            self._batch.add(seq, waiting.cache)
-        else:
-            self._end(seq, [(layer.keys.cpu(), layer.values.cpu()) for layer in waiting.cache.layers])
+        prompt = [(layer.keys, layer.values) for layer in waiting.cache.layers]
+        for i, row in enumerate([seq, *waiting.followers]):
+            # each row its own cache object over the same tensors (nothing writes into them in place; the
+            # batch may take the first one's object as its own)
+            cache = waiting.cache if i == 0 else cache_from(self.loaded.model.config, prompt)
+            try:
+                goes_on = row.advance(logits)
+            except Exception as exc:  # sampling or reporting failed: this job fails, the engine goes on
+                self._fail([row], exc)
+                continue
+            if goes_on:
+                self._batch.add(row, cache)
+            else:
+                self._end(row, [(layer.keys.cpu(), layer.values.cpu()) for layer in cache.layers])
 
     def _step(self) -> None:
         """One decode step for every row; rows that end leave the batch."""

@@ -12,15 +12,17 @@ token on ChatGLM2's 65,024 ids, against a 700 ms CPU decode step), one dependenc
 from __future__ import annotations
 
 import json
+from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where a mask is applied: the HTTP layer builds grammars without it
+    import torch
 
-from ..model.tokenizer import ChatGLM2Tokenizer
+    from ..model.tokenizer import ChatGLM2Tokenizer
 
 # JSON as json.dumps writes it ({"a": 1, "b": [2, 3]}): what ChatGLM2 writes unprompted, and no whitespace
 # between tokens otherwise, so that a model that hesitates cannot spend its whole reply on indentation.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BITS = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -34,9 +36,48 @@ def json_schema_grammar(schema: dict | None) -> str:
 
 
 def json_rule(schema: dict) -> str:
-    """A Lark rule body for a JSON Schema, with this server's whitespace."""
+    """A Lark rule body for a JSON Schema, with this server's whitespace and its objects closed."""
+    schema = closed(schema)
     return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}},
                                  ensure_ascii=False)
+
+
+NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+LITERALS = ("const", "enum", "default", "examples")
+
+
+def closed(schema):
+    """`schema` (a copy) where an object that lists its `properties` and says nothing of `additionalProperties`
+    allows no other keys, as vLLM's llguidance backend does: a schema's author means those keys, and a model
+    that hesitates would otherwise spend its reply inventing more (what OpenAI's strict mode requires anyway)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in NAMED_SCHEMAS and isinstance(value, dict):  # {name: schema}: the names are no keywords
+            out[key] = {name: closed(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in LITERALS else closed(value)
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def tool_call_grammar(tools: list[dict], required: bool, parallel: bool) -> str:
+    """The grammar of a reply that calls `tools` (OpenAI function definitions): one call, or with `parallel`
+    one or more, one per line, each {"name": one of the tools, "arguments": valid for its parameters}. Unless
+    `required`, the reply may be words instead: the model decides at its first character ("{" or not)."""
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": tool["name"]},
+                                                        "arguments": tool.get("parameters") or {"type": "object"}},
+                       "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]}
+    lines = ['start: " "? ' + ("calls" if required else "(calls | words)"),
+             "calls: call" + (' ("\\n" call)*' if parallel else ""),
+             "call: " + json_rule(call)]
+    if not required:
+        lines.append(r"words: /[^{\s](.|\n)*/")
+    return lark_grammar("\n".join(lines))
 
 
 def lark_grammar(lark: str) -> str:
@@ -50,6 +91,7 @@ class Constraint:
 
     def __init__(self, grammar: str, tokenizer: ChatGLM2Tokenizer, vocab_size: int, answer_prefix: str = ""):
         import llguidance
+        import torch
 
         self.tokenizer = tokenizer
         self.matcher = llguidance.LLMatcher(guidance_tokenizer(tokenizer, vocab_size), grammar, log_level=0)
@@ -63,7 +105,7 @@ class Constraint:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [vocab] with every id the grammar does not allow next at -inf."""
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
-        allowed = ((self.bitmask.unsqueeze(1) & _BITS) != 0).flatten()[:self.vocab_size]
+        allowed = ((self.bitmask.unsqueeze(1) & bit_values()) != 0).flatten()[:self.vocab_size]
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
@@ -74,6 +116,14 @@ class Constraint:
     def complete(self) -> bool:
         """The grammar allows nothing more: the reply is done."""
         return self.matcher.is_stopped()
+
+
+@cache
+def bit_values() -> torch.Tensor:
+    """The value of each of an int32's 32 bits, to unpack llguidance's bitmask."""
+    import torch
+
+    return torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
 
 
 def short_error(error: str) -> str:
@@ -95,15 +145,7 @@ def guidance_tokenizer(tokenizer: ChatGLM2Tokenizer, vocab_size: int):
     cached = getattr(tokenizer, "_guidance", None)
     if cached is not None and cached[0] == vocab_size:
         return cached[1]
-    sp = tokenizer.sp
-    pieces = []
-    for i in range(vocab_size):
-        if i >= tokenizer.n_pieces or sp.is_control(i) or sp.is_unknown(i):
-            pieces.append(b"")
-        elif sp.is_byte(i):
-            pieces.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
-        else:
-            pieces.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    pieces = [tokenizer.token_bytes(i) for i in range(vocab_size)]
 
     class Vocabulary:  # the shape llguidance.TokenizerWrapper reads
         eos_token_id = tokenizer.eos_id

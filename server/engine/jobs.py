@@ -45,6 +45,8 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Finished | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob per completion token, when the request asks
+    prompt_logprobs: list | None = None  # TokenLogprob (None for the first) per prompt token, with echo
     _events: queue.Queue = field(default_factory=queue.Queue)
     _on_finished: list[Callable[[Finished], None]] = field(default_factory=list)
     _finish_lock: threading.Lock = field(default_factory=threading.Lock)

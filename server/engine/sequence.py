@@ -13,6 +13,7 @@ import torch
 from ..model.tokenizer import ChatGLM2Tokenizer
 from .grammar import Constraint
 from .jobs import Job, apply_stop
+from .logprobs import PromptScore, scored
 from .sampling import Penalties, PenaltyState, Sampling, new_generator, sample
 
 
@@ -30,7 +31,7 @@ class Sequence:
         self.generator = new_generator(self.sampling, mask.device)
         self.constraint = Constraint(req.grammar, tokenizer, mask.shape[-1], req.answer_prefix) \
             if req.grammar else None
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = tokenizer.stream_decoder(continuation=req.prompt_ids is not None)
         self.ids = list(job.prompt.ids)  # every id whose keys and values are in this sequence's cache
         self.cached_tokens = cached_tokens
         self.next_token: int | None = None  # sampled, not yet run through the model
@@ -38,9 +39,17 @@ class Sequence:
         self.reason = "length"
         self.first_token_at: float | None = None
         self.shown = req.answer_prefix
+        self.vocabulary_mask = mask
+        self.prompt_score = PromptScore(req.logprobs or 0, mask) if req.echo_logprobs else None
 
     def advance(self, logits: torch.Tensor) -> bool:
         """Sample the next token from `logits` [vocab] and report it. False when the sequence has ended."""
+        if self.prompt_score is not None and self.job.prompt_logprobs is None:  # the prompt has run: report it
+            self.job.prompt_logprobs = self.prompt_score.logprobs
+        if self.job.prompt.max_new_tokens <= 0:  # only the prompt was asked for (scored with echo)
+            self.reason = "length"
+            return False
+        model_logits = logits
         if self.penalties is not None:
             logits = self.penalties.apply(logits)
         logits = logits + self.mask
@@ -56,6 +65,8 @@ class Sequence:
         if token == self.eos_id:
             self.reason = "stop"
             return False
+        if self.job.request.logprobs is not None:  # (job.logprobs[i] belongs to completion token i + 1)
+            self.job.logprobs.append(scored(model_logits, token, self.job.request.logprobs, self.vocabulary_mask))
         self.completion_tokens += 1
         if self.decoder.add(token):
             visible, hit = apply_stop(self.decoder.text, self.job.request.stop)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 * 1024**3
 
-# OpenAI-style messages -> the ChatGLM2 prompt, as openai_api.to_rounds maps them: system (and developer)
+# OpenAI-style messages -> the ChatGLM2 prompt, as web/messages.to_rounds maps them: system (and developer)
 # messages lead the first user turn; consecutive messages of one role are joined by a blank line; a final
 # assistant message is the answer prefix; the prompt always ends ready for the answer.
 CHAT_TEMPLATE = (

@@ -38,6 +38,7 @@ class ChatGLM2Tokenizer:
         self.eos_id = EOS_ID
         # Anything at or above this id is a special token or padding: never shown, never sampled (except eos).
         self.first_special_id = self.n_pieces
+        self.vocab_size = self.n_pieces + len(SPECIAL_TOKENS)  # ids a prompt may hold
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def build_prompt(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> list[int]:
@@ -60,8 +61,31 @@ class ChatGLM2Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.first_special_id])
 
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream_decoder(self, continuation: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, continuation)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id adds to a text (b"" for special, control and padding ids): what logprobs report and
+        what the grammar engine matches. A byte-fallback piece is its byte, "▁" a space."""
+        sp = self.sp
+        if not 0 <= token_id < self.n_pieces or sp.is_control(token_id) or sp.is_unknown(token_id):
+            return b""
+        if sp.is_byte(token_id):
+            return bytes([int(sp.id_to_piece(token_id)[3:5], 16)])
+        return sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
+
+    def token_name(self, token_id: int) -> str:
+        """One id as text for people: its text, or its name when it is special (</s>, [gMASK]) or an incomplete
+        UTF-8 byte (bytes:\\xe4, as OpenAI spells those)."""
+        raw = self.token_bytes(token_id)
+        if not raw:
+            specials = {i: name for name, i in self.special_ids.items()}
+            return specials.get(token_id) or (self.sp.id_to_piece(token_id) if token_id < self.n_pieces else
+                                              f"<pad {token_id}>")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def round_text(number: int, question: str, answer: str) -> str:
@@ -94,10 +118,13 @@ class StreamDecoder:
     sentencepiece decides spaces and multi-byte characters from neighbouring pieces, so each step decodes only
     a short window: the ids since `prefix` (already shown, kept as context) against the same window plus the
     new ids. Text ending in U+FFFD is an incomplete UTF-8 sequence (byte-fallback pieces) and is held back.
+    sentencepiece drops the space of a text's first piece ("▁Paris" -> "Paris"); a `continuation` (a raw
+    completion, which goes on from its prompt: "is" + " Paris") keeps it.
     """
 
-    def __init__(self, tokenizer: ChatGLM2Tokenizer):
+    def __init__(self, tokenizer: ChatGLM2Tokenizer, continuation: bool = False):
         self.tokenizer = tokenizer
+        self.continuation = continuation
         self.ids: list[int] = []
         self.prefix = 0  # start of the context window
         self.read = 0  # ids before this are already in the text
@@ -112,16 +139,21 @@ class StreamDecoder:
         full = self.tokenizer.sp.decode(self.ids[self.prefix:])
         if full.endswith("\ufffd") or len(full) <= len(shown):
             return ""
-        new = full[len(shown):]
+        new = self.leading_space() + full[len(shown):]
         self.prefix, self.read = self.read, len(self.ids)
         self.text += new
         return new
+
+    def leading_space(self) -> str:
+        """" " before a continuation's first text when its first piece starts with one (sentencepiece drops it)."""
+        starts = self.continuation and self.read == 0 and self.ids
+        return " " if starts and self.tokenizer.token_bytes(self.ids[0]).startswith(b" ") else ""
 
     def flush(self) -> str:
         """At the end of a reply: whatever is still held back (a truly broken byte sequence shows as U+FFFD)."""
         shown = self.tokenizer.sp.decode(self.ids[self.prefix:self.read])
         full = self.tokenizer.sp.decode(self.ids[self.prefix:])
-        new = full[len(shown):] if len(full) > len(shown) else ""
+        new = self.leading_space() + full[len(shown):] if len(full) > len(shown) else ""
         self.prefix = self.read = len(self.ids)
         self.text += new
         return new

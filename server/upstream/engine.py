@@ -123,6 +123,18 @@ class UpstreamEngine:
             raise NotReady(f"the front end is not ready ({self.state})")
         return fit_prompt(self.loaded.tokenizer, request, self.max_context, self.reply_reserve)
 
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Job]:
+        """Several jobs (n choices), all or none; the upstream engines share their prompts as they can."""
+        jobs = []
+        try:
+            for request in requests:
+                jobs.append(self.submit(request))
+        except Exception:
+            for job in jobs:
+                self.interrupt(job.id)
+            raise
+        return jobs
+
     def submit(self, request: GenerationRequest) -> Job:
         """Fit the request, open its stream on the least busy upstream that answers, and follow it on a thread.
         Raises NotReady when none answers, EngineBusy when too many are in flight or every upstream is busy,
@@ -208,9 +220,12 @@ class UpstreamEngine:
             else:
                 upstream.accepts_ids = True
                 return stream
-        req = job.request
-        text = self.loaded.tokenizer.prompt_text(req.query, req.history[job.prompt.dropped_rounds:],
-                                                 req.answer_prefix)
+        req, tokenizer = job.request, self.loaded.tokenizer
+        if req.prompt_ids is not None:  # a raw prompt (/v1/completions): its text, after the prefix it has
+            has_prefix = req.prompt_ids[:2] == tokenizer.prompt_prefix()
+            text = ("[gMASK]sop" if has_prefix else "") + req.query
+        else:
+            text = tokenizer.prompt_text(req.query, req.history[job.prompt.dropped_rounds:], req.answer_prefix)
         try:
             stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job, banned, text),
                                         key)

@@ -26,6 +26,8 @@ KEYED_UI = ("/ui/render",)  # costs CPU: only for callers with the key
 
 
 def create_app(settings: Settings, engine: Engine) -> Flask:
+    from .completions_api import bp as completions_bp
+    from .ollama_api import bp as ollama_bp
     from .openai_api import bp as openai_bp
     from .original_api import bp as seed_bp
     from .page import bp as web_bp
@@ -38,6 +40,8 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     app.extensions[SETTINGS_KEY] = settings
     app.register_blueprint(seed_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(completions_bp)
+    app.register_blueprint(ollama_bp)
     app.register_blueprint(web_bp)
 
     @app.get("/health")
@@ -107,8 +111,10 @@ def allow_cross_origin(response, allow_origin: str | None):
 
 
 def error_response(error: ApiError):
-    """One error shape per API family: OpenAI's under /v1/, the seed's everywhere else."""
-    if request.path.startswith("/v1/"):
+    """One error shape per API family: OpenAI's under /v1/, Ollama's under /api/, the seed's everywhere else."""
+    if request.path.startswith("/api/"):
+        body = {"error": error.message}
+    elif request.path.startswith("/v1/"):
         kind = "invalid_request_error" if error.status < 500 and error.status != 429 else "server_error"
         body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import time
 from collections.abc import Callable, Iterator
 
 from flask import Response
@@ -29,8 +30,13 @@ RETRY_AFTER = {"Retry-After": "5"}
 
 def submit(engine: Engine, request: GenerationRequest) -> Job:
     """Queue a job, or raise the ApiError that tells the client why not."""
+    return submit_all(engine, [request])[0]
+
+
+def submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[Job]:
+    """Queue several jobs at once (n choices), all or none, or raise the ApiError that tells the client why."""
     try:
-        return engine.submit(request)
+        return engine.submit_all(requests)
     except NotReady:
         raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER) from None
     except EngineBusy as exc:
@@ -80,18 +86,58 @@ def follow(engine: Engine, job: Job, disconnected: Callable[[], bool], route: st
             engine.interrupt(job.id)
 
 
+def follow_all(engine: Engine, jobs: list[Job], disconnected: Callable[[], bool],
+               route: str) -> Iterator[tuple[int, Update | Finished]]:
+    """Several jobs' events (n choices) as they come, each with its job's index; like `follow`, a client that
+    goes away interrupts them all."""
+    if len(jobs) == 1:
+        yield from ((0, event) for event in follow(engine, jobs[0], disconnected, route))
+        return
+    for job in jobs:
+        job.when_finished(lambda finished, job=job: log_finished(route, job, finished))
+    running, checked_at = set(range(len(jobs))), time.monotonic()
+    try:
+        while running:
+            quiet = True
+            for i in sorted(running):
+                try:
+                    event = jobs[i].next_event(timeout=0)
+                except queue.Empty:
+                    continue
+                quiet = False
+                yield i, event
+                if isinstance(event, Finished):
+                    running.discard(i)
+            if quiet:
+                time.sleep(0.005)
+            if time.monotonic() - checked_at > POLL_SECONDS:
+                checked_at = time.monotonic()
+                if disconnected():
+                    for i in running:
+                        engine.interrupt(jobs[i].id)
+    finally:
+        for job in jobs:
+            if job.result is None:
+                engine.interrupt(job.id)
+
+
+def wait_all(engine: Engine, route: str, jobs: list[Job], disconnected: Callable[[], bool]) -> list[Finished]:
+    """`wait_for` for several jobs (n choices): every one finished, or the 503 of the first that failed."""
+    for _ in follow_all(engine, jobs, disconnected, route):
+        pass
+    for job in jobs:
+        if job.result.finish_reason == "error":
+            raise ApiError(503, f"generation failed: {job.result.error}; try a shorter input or try again",
+                           code="generation_failed", headers=RETRY_AFTER)
+    return [job.result for job in jobs]
+
+
 def wait_for(engine: Engine, route: str, job: Job, disconnected: Callable[[], bool]) -> Finished:
     """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry.
 
     The client may leave while it waits (a timeout, a cancelled task, an SDK's retry): waitress then reports the
     closed connection, and the job is interrupted instead of generating for nobody."""
-    for _ in follow(engine, job, disconnected, route):
-        pass  # (follow ends with the Finished event, kept in job.result)
-    finished = job.result
-    if finished.finish_reason == "error":
-        raise ApiError(503, f"generation failed: {finished.error}; try a shorter input or try again",
-                       code="generation_failed", headers=RETRY_AFTER)
-    return finished
+    return wait_all(engine, route, [job], disconnected)[0]
 
 
 def client_watcher(environ) -> Callable[[], bool]:
