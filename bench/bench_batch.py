@@ -3,6 +3,7 @@
     python bench/bench_batch.py --dir /data/bench-full                    # the CPU default (4-bit NF4)
     python bench/bench_batch.py --dir /data/bench-full --config torch-8   # another backend
     python bench/bench_batch.py --dir /data/bench-full --layers 4         # a quick slice of the same shape
+    python bench/bench_batch.py --dir /data/bench-full --config cuda-8    # a GPU profile (cuda-16/-8/-4)
 
 The checkpoint is bench_cpu.py's (written when missing). Three measurements:
 1. Multi-turn chat: a 6-turn greedy chat, ~250 tokens added per round (a ~200-token question and a 48-token
@@ -14,6 +15,11 @@ The checkpoint is bench_cpu.py's (written when missing). Three measurements:
    aggregate tokens/s over the time all decode, and each stream's own tokens/s, against one stream alone.
 3. A job arriving while 3 others decode: its time to first token against its own prefill time alone plus the
    decode step time of the batch.
+4. Chunked prefill (`gap`): a 2,000-token prompt joins 3 decoding streams; the longest pause between two tokens of
+   a running stream against its normal step, with the prompt in chunks and in one piece, and the throughput.
+5. Features (`features`): one stream's decode tok/s plain, under a JSON schema (the grammar's mask each token)
+   and with logprobs (top 5), against the plain figure.
+On a GPU the peak memory of each part is printed (torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ def load(folder: Path, config: str):
     from server.model.profiles import Plan
 
     backend, bits = config.split("-")
-    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
+    if backend == "cuda":  # the GPU profiles: float16, bitsandbytes 8-bit or NF4
+        plan = Plan("cuda", int(bits), "float16", 8192, "bench", "bench")
+    else:
+        plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
     start = time.perf_counter()
     loaded = load_model(folder, plan)
     print(f"loaded {config} in {time.perf_counter() - start:.1f} s")
@@ -109,16 +118,82 @@ def arriving(loaded, reply: int) -> tuple[float, float, float]:
     for job in others:
         job.next_event()
     stamps = []
-    for _ in range(4):  # time a few steps of the three
-        others[0].next_event()
-        stamps.append(time.perf_counter())
+    for _ in range(4):  # time a few steps of the three (an update can carry several tokens: count them)
+        stamps.append((time.perf_counter(), others[0].next_event().completion_tokens))
     job = engine.submit(late)
     ttft = job.wait().first_token_seconds
-    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    step = (stamps[-1][0] - stamps[0][0]) / (stamps[-1][1] - stamps[0][1])
     for other in others:
         other.cancel()
     engine.close()
     return ttft, prefill, step
+
+
+def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
+    """The longest pause between two tokens of a decoding stream while a long prompt joins 3 of them, and the
+    time one chunk of that prompt takes alone."""
+    from server.engine.budget import GenerationRequest
+
+    alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
+    piece = GenerationRequest(query=question(8, loaded.tokenizer, tokens=min(chunk, prompt_tokens)), max_new_tokens=1,
+                              **GREEDY)
+    chunk_alone = min(alone.submit(piece).wait().first_token_seconds for _ in range(2))
+    alone.close()
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk)
+    others = [engine.submit(GenerationRequest(query=f"other {i}", max_new_tokens=100000, **GREEDY)) for i in range(3)]
+    for job in others:
+        job.next_event()
+    stamps = []  # (time, tokens so far) at each update of the first stream
+
+    def watch(count):
+        for _ in range(count):
+            stamps.append((time.perf_counter(), others[0].next_event().completion_tokens))
+
+    watch(6)
+    step = (stamps[-1][0] - stamps[0][0]) / (stamps[-1][1] - stamps[0][1])  # per token
+    before = len(stamps)
+    long_job = engine.submit(GenerationRequest(query=question(7, loaded.tokenizer, tokens=prompt_tokens),
+                                               max_new_tokens=8, **GREEDY))
+    while long_job.result is None:
+        watch(1)
+    watch(3)
+    pauses = [b[0] - a[0] for a, b in zip(stamps[before - 1:], stamps[before:])]  # what a reader sees
+    tokens = stamps[-1][1] - stamps[before - 1][1]
+    for job in others:
+        job.cancel()
+    engine.close()
+    return {"chunk": chunk, "step": step, "longest": max(pauses), "ttft": long_job.result.first_token_seconds,
+            "chunk alone": chunk_alone,
+            "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
+
+
+def features(loaded, reply: int) -> dict:
+    """One stream's decode tok/s: plain, under a JSON schema, with logprobs (top 5)."""
+    from server.engine.budget import GenerationRequest
+    from server.engine.grammar import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}}}
+    variants = {"plain": {}, "json schema": {"grammar": json_schema_grammar(schema)}, "logprobs 5": {"logprobs": 5}}
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0)
+    rates = {}
+    for name, extra in variants.items():
+        runs = []
+        for _ in range(2):
+            done = engine.submit(GenerationRequest(query="列出一些东西", max_new_tokens=reply, **GREEDY, **extra)).wait()
+            runs.append((done.completion_tokens - 1) / (done.seconds - done.first_token_seconds))
+        rates[name] = max(runs)
+    engine.close()
+    return rates
+
+
+def peak_gib() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    peak = torch.cuda.max_memory_allocated() / 1024**3
+    torch.cuda.reset_peak_memory_stats()
+    return f" [GPU peak {peak:.2f} GiB]"
 
 
 def main() -> None:
@@ -129,7 +204,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--reply", type=int, default=48, help="reply tokens per chat turn")
     parser.add_argument("--stream-tokens", type=int, default=32)
-    parser.add_argument("--parts", default="chat,streams,arriving")
+    parser.add_argument("--parts", default="chat,streams,arriving,gap,features")
+    parser.add_argument("--gap-tokens", type=int, default=2000, help="the long prompt of part 4")
     args = parser.parse_args()
 
     import torch
@@ -141,6 +217,9 @@ def main() -> None:
                          tokenizer=REAL_TOKENIZER if REAL_TOKENIZER.exists() else None, **SIX_B)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}")
     loaded = load(args.dir, args.config)
+    if torch.cuda.is_available():
+        print(f"GPU {torch.cuda.get_device_name()}: model {torch.cuda.memory_allocated() / 1024**3:.2f} GiB "
+              f"allocated after load{peak_gib()}")
     parts = args.parts.split(",")
 
     if "chat" in parts:
@@ -151,6 +230,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for i, ((p, c, t), (_, _, u)) in enumerate(zip(cached, plain), start=1):
             print(f"| {i} | {p} | {c} | {t:.2f} s | {u:.2f} s | {t / cached[0][2]:.2f} | {u / plain[0][2]:.2f} |")
+        print(peak_gib())
 
     if "streams" in parts:
         print(f"\n2. concurrent streams, {args.stream_tokens} reply tokens each:")
@@ -161,12 +241,34 @@ def main() -> None:
         for n, aggregate, per_stream in rows:
             print(f"| {n} | {aggregate:.2f} | {aggregate / single:.2f} | {per_stream:.2f} | "
                   f"{per_stream / rows[0][2]:.2f} |")
+        print(peak_gib())
 
     if "arriving" in parts:
         ttft, prefill, step = arriving(loaded, reply=200)
         print(f"\n3. a job arriving while 3 decode: TTFT {ttft:.2f} s; its prefill alone {prefill:.2f} s, "
               f"4-row step {step:.2f} s; limit prefill + 2 steps = {prefill + 2 * step:.2f} s "
-              f"(TTFT ÷ limit {ttft / (prefill + 2 * step):.2f})")
+              f"(TTFT ÷ limit {ttft / (prefill + 2 * step):.2f}){peak_gib()}")
+
+    if "gap" in parts:
+        from server.engine.sizing import DEFAULT_PREFILL_CHUNK
+
+        print(f"\n4. a {args.gap_tokens}-token prompt joins 3 decoding streams:")
+        print("| prefill chunk | normal step | longest pause | chunk alone | pause ÷ (2 steps + chunk) | prompt TTFT "
+              "| stream tok/s meanwhile |")
+        print("|---|---|---|---|---|---|---|")
+        chunk = DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
+        for size in (chunk, args.gap_tokens):
+            r = gap(loaded, size, args.gap_tokens)
+            limit = 2 * r["step"] + r["chunk alone"]
+            print(f"| {'whole prompt' if size == args.gap_tokens else size} | {r['step'] * 1000:.0f} ms | "
+                  f"{r['longest'] * 1000:.0f} ms | {r['chunk alone'] * 1000:.0f} ms | {r['longest'] / limit:.2f} | "
+                  f"{r['ttft']:.2f} s | {r['stream tok/s during']:.2f} |")
+        print(peak_gib())
+
+    if "features" in parts:
+        rates = features(loaded, reply=args.stream_tokens * 2)
+        print("\n5. one stream, decode tok/s: " + ", ".join(
+            f"{name} {rate:.2f} ({rate / rates['plain']:.2f}×)" for name, rate in rates.items()) + peak_gib())
 
 
 if __name__ == "__main__":
