@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from .config import (
@@ -19,6 +18,7 @@ from .config import (
     parse_value,
     settings_fields,
 )
+from .logfile import LogFile
 
 log = logging.getLogger("server")
 LOG_PATH = PROJECT_ROOT / "server.log"
@@ -45,7 +45,7 @@ def setup_logging() -> None:
     console.setLevel(logging.INFO)
     handlers = [console]
     try:
-        file = RotatingFileHandler(LOG_PATH, maxBytes=5 * 1024 * 1024, backupCount=2, encoding="utf-8")
+        file = LogFile(LOG_PATH, max_bytes=5 * 1024 * 1024, backups=2)
         file.setLevel(logging.DEBUG)
         handlers.append(file)
     except OSError:  # a read-only folder: console only

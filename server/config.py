@@ -78,7 +78,7 @@ class Settings:
            "fewer when the free memory does not hold them at the full context; 1 = one at a time")
     prefill_chunk: int = option(
         0, "prompt tokens run between two decode steps while other replies stream (chunked prefill: a long prompt "
-           "does not stall them); 0 = automatic: 64 on a CPU, 512 on a GPU")
+           "does not stall them); 0 = automatic: 64 on a CPU, 2048 on a GPU")
     prompt_cache_mb: int | None = option(
         None, "RAM (MB) for the keys and values of recent conversations, so that the next turn computes only its "
               "new tokens; 0 turns it off; default 1024 (less on PCs with under 16 GB of RAM)")
@@ -93,6 +93,8 @@ class Settings:
         None, "web page origins (scheme://host:port, comma-separated or repeated; * for any) allowed to call the "
               "API from a browser, besides loopback origins and the server's own page", repeat=True)
     max_body_bytes: int = option(2 * 1024 * 1024, "largest request body accepted, in bytes")
+    write_timeout: int = option(60, "seconds a client may stop reading a streamed reply before its job is stopped "
+                                    "and its thread freed")
     open_browser: bool = option(False, "open the chat page /ui/ in the default browser once the server listens")
     chatlog: bool = option(True, "write full queries and replies to chatlog.log (--no-chatlog turns it off)")
 

@@ -8,9 +8,9 @@ import signal
 import threading
 import time
 import webbrowser
-from logging.handlers import RotatingFileHandler
 
 from .config import PROJECT_ROOT, Settings, UserError
+from .logfile import LogFile
 from .startup import make_engine
 from .web.app import create_app
 from .web.relay import chatlog
@@ -29,7 +29,7 @@ def run_server(settings: Settings) -> int:
                         "reliably, so no client could send it. Choose another in settings.ini or --api-key.")
     warn_if_exposed(settings)
     if settings.chatlog:
-        handler = RotatingFileHandler(CHATLOG_PATH, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
+        handler = LogFile(CHATLOG_PATH, max_bytes=10 * 1024 * 1024, backups=5)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         chatlog.addHandler(handler)
         chatlog.setLevel(logging.INFO)

@@ -86,3 +86,21 @@ def test_the_http_setup_and_front_end_layers_import_no_torch(layer):
             "print(sorted(m for m in ('torch', 'transformers', 'sentencepiece', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_both_engines_keep_the_engine_contract():
+    """The HTTP layer is written against engine/contract.GenerationEngine; both engines must provide all of it."""
+    from server.engine import Engine
+    from server.engine.contract import GenerationEngine
+    from server.upstream import UpstreamEngine
+
+    local, front = Engine(), UpstreamEngine(["http://127.0.0.1:9/v1"])
+    try:
+        for engine in (local, front):
+            assert isinstance(engine, GenerationEngine), type(engine).__name__
+            engine.set_state("downloading", progress=0.5)
+            engine.add_notice("a notice")
+            assert (engine.state, engine.detail, engine.notices) == ("downloading", {"progress": 0.5}, ["a notice"])
+        assert local.constrained_decoding and not front.constrained_decoding
+    finally:
+        front.close()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from ..config import UserError
 from ..errors import EngineBusy, NotReady  # noqa: F401 (defined in errors.py, importable here too)
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
+from .contract import EngineState
 from .jobs import Job
 from .sizing import DEFAULT_PREFILL_CHUNK, batch_size, default_prompt_cache_mb
 
@@ -47,8 +48,10 @@ class Prefilling:
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
 
-class Engine:
-    constrained_decoding = True  # grammars, logprobs and n choices need the model's logits: only a local engine
+class Engine(EngineState):
+    """The local engine (the GenerationEngine contract, engine/contract.py)."""
+
+    constrained_decoding = True  # grammars and logprobs need the model's logits: only a local engine has them
 
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
                  prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0):
@@ -58,9 +61,7 @@ class Engine:
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
         self.prompt_cache_disk_mb = prompt_cache_disk_mb  # the prefix cache's disk tier (0: none)
-        self._state = "loading"  # loading, downloading, ready or error (see `state`)
-        self.detail: dict = {}  # what /health shows beside the state (progress, error, model facts)
-        self.notices: list[str] = []  # lines the person should act on (e.g. a GPU torch cannot use)
+        super().__init__()  # state "loading"; detail (progress, error) and notices for /health
         self.loaded: LoadedModel | None = None
         self.prefix_cache: PrefixCache | None = None
         self._pending: deque[Job] = deque()
@@ -124,11 +125,9 @@ class Engine:
             log.warning("the prompt cache stays in memory only: %s", exc)
             return None
 
-    def set_state(self, state: str, **detail) -> None:
-        self._state, self.detail = state, detail
-
-    def add_notice(self, text: str) -> None:
-        self.notices.append(text)
+    @property
+    def detail(self) -> dict:
+        return self._detail
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,38 @@ class Finished:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed again)
 
 
+class EventQueue:
+    """A job's events for its reader. Every Update carries the whole reply so far, so a reader that falls behind
+    loses nothing when the older ones go: past MAX_PENDING waiting events, a new Update replaces the newest
+    waiting one. A client that stops reading thus holds a few replies' worth of memory, not every intermediate
+    reply of a long generation (~300 MB for 8k tokens before)."""
+
+    MAX_PENDING = 16
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+
+    def put(self, event) -> None:
+        with self._ready:
+            if isinstance(event, Update) and len(self._items) >= self.MAX_PENDING \
+                    and isinstance(self._items[-1], Update):
+                self._items[-1] = event
+            else:
+                self._items.append(event)
+            self._ready.notify()
+
+    def get(self, timeout: float | None = None):
+        """The oldest waiting event; queue.Empty after `timeout` seconds without one (None: wait for one)."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class Job:
     request: GenerationRequest
@@ -47,7 +80,7 @@ class Job:
     result: Finished | None = None
     logprobs: list = field(default_factory=list)  # TokenLogprob per completion token, when the request asks
     prompt_logprobs: list | None = None  # TokenLogprob (None for the first) per prompt token, with echo
-    _events: queue.Queue = field(default_factory=queue.Queue)
+    _events: EventQueue = field(default_factory=lambda: EventQueue())
     _on_finished: list[Callable[[Finished], None]] = field(default_factory=list)
     _finish_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,7 +93,7 @@ class Job:
                 return
 
     def next_event(self, timeout: float | None = None) -> Update | Finished:
-        return self._events.get(timeout=timeout)
+        return self._events.get(timeout)
 
     def wait(self, timeout: float | None = None) -> Finished:
         for event in self.events(timeout):

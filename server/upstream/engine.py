@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
+from ..engine.contract import EngineState
 from ..engine.engine import EngineBusy, NotReady, load_in_background
 from ..engine.jobs import Job, apply_stop
 from ..errors import UpstreamRejected  # noqa: F401 (defined in errors.py, importable here too)
@@ -59,7 +60,11 @@ class Running:
     stream: client.Stream
 
 
-class UpstreamEngine:
+class UpstreamEngine(EngineState):
+    """The front end (the GenerationEngine contract, engine/contract.py): each job relayed to an upstream."""
+
+    constrained_decoding = False  # no logits here: grammars and logprobs are refused by name
+
     def __init__(self, urls: list[str], max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
                  max_context: int | None = None, api_key: str | None = None):
         self.pool = Pool([client.normalize_base(url) for url in urls], api_key)
@@ -67,8 +72,7 @@ class UpstreamEngine:
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch or PER_UPSTREAM * len(urls)  # in flight at once, over all upstreams
         self._max_context = max_context
-        self._state, self._detail = "loading", {}
-        self.notices: list[str] = []
+        super().__init__()
         self.loaded: FrontEnd | None = None
         self.prefix_cache = None  # the upstreams keep their own (vLLM's automatic prefix caching)
         self._jobs: dict[str, Running | None] = {}  # None: still connecting
@@ -87,12 +91,6 @@ class UpstreamEngine:
         self.loaded = FrontEnd(tokenizer, FrontEndPlan(models=", ".join(names), max_context=self.max_context))
         if not self.pool.any_up:
             log.warning("no upstream answers yet (%s); asking again", self.pool.errors())
-
-    def set_state(self, state: str, **detail) -> None:
-        self._state, self._detail = state, detail
-
-    def add_notice(self, text: str) -> None:
-        self.notices.append(text)
 
     def close(self) -> None:
         self.pool.close()

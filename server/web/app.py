@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..config import Settings
-from ..engine import Engine
+from ..engine.contract import GenerationEngine
 from . import origin
 from .validation import ApiError, shown
 
@@ -25,7 +25,7 @@ OPEN_PREFIX = "/ui"  # the page itself; the API calls it makes carry the key
 KEYED_UI = ("/ui/render",)  # costs CPU: only for callers with the key
 
 
-def create_app(settings: Settings, engine: Engine) -> Flask:
+def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
     from .completions_api import bp as completions_bp
     from .ollama_api import bp as ollama_bp
     from .openai_api import bp as openai_bp
@@ -79,7 +79,7 @@ def create_app(settings: Settings, engine: Engine) -> Flask:
     return app
 
 
-def current_engine() -> Engine:
+def current_engine() -> GenerationEngine:
     """The engine of the app handling this request (a local Engine or an UpstreamEngine: the same surface)."""
     return current_app.extensions[ENGINE_KEY]
 

@@ -141,7 +141,7 @@ def completions():
                        "usage": usage([job.result for job in jobs], n)})
         yield b"data: [DONE]\n\n"
 
-    return event_stream(events(), jobs[0])
+    return event_stream(events(), *jobs)
 
 
 def prompt_logprobs_of(tokenizer, job: Job) -> dict | None:

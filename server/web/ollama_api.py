@@ -22,7 +22,7 @@ from ..model.tool_prompt import read_calls
 from .app import current_engine, current_settings
 from .messages import to_rounds
 from .openai_fields import TEMPERATURE, TOP_P, model_id
-from .relay import client_watcher, follow, submit, tokenizer_of, wait_for
+from .relay import client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
 from .structured import checked, schema_grammar
 from .tool_calls import StreamedCalls, tool_use
 from .validation import ApiError, flag, json_body, number, penalty_fields, refuse_unknown, sampling_fields, shown, text
@@ -262,8 +262,7 @@ def respond(body: dict, job: Job, route: str, shape) -> Response:
             if isinstance(event, Finished):
                 yield ndjson({"model": name, "created_at": now(), **shape.closing(), **final(event)})
 
-    return Response(lines(), content_type="application/x-ndjson",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job.id})
+    return event_stream(lines(), job, content_type="application/x-ndjson")
 
 
 def final(finished: Finished) -> dict:

@@ -167,7 +167,7 @@ def chat_completions():
                        "usage": usage([job.result for job in jobs], n)})
         yield b"data: [DONE]\n\n"
 
-    return event_stream(events(), jobs[0])
+    return event_stream(events(), *jobs)
 
 
 def whole_choice(index: int, job: Job, finished: Finished, prefilled: bool, with_tools: bool, tokenizer) -> dict:

@@ -48,7 +48,7 @@ def stop_strings(body: dict) -> list[str]:
 
 def needs_local_engine(param: str) -> None:
     """Logprobs and grammars need the model's logits: a front end (--backend) refuses them by name."""
-    if not getattr(current_engine(), "constrained_decoding", False):
+    if not current_engine().constrained_decoding:
         raise ApiError(400, f"'{param}' needs this server's own engine: with --backend send it to the engine "
                             "directly", param=param, code="unsupported_field")
 

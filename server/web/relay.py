@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 
 from flask import Response
 
-from ..engine import Engine, EngineBusy, Finished, Job, NotReady, Update
+from ..engine import EngineBusy, Finished, Job, NotReady, Update
 from ..engine.budget import ContextOverflow, GenerationRequest
+from ..engine.contract import GenerationEngine
 from ..errors import UpstreamRejected
 from .validation import ApiError
 
@@ -28,12 +29,12 @@ POLL_SECONDS = 0.25  # how often a waiting stream checks whether its client is s
 RETRY_AFTER = {"Retry-After": "5"}
 
 
-def submit(engine: Engine, request: GenerationRequest) -> Job:
+def submit(engine: GenerationEngine, request: GenerationRequest) -> Job:
     """Queue a job, or raise the ApiError that tells the client why not."""
     return submit_all(engine, [request])[0]
 
 
-def submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[Job]:
+def submit_all(engine: GenerationEngine, requests: list[GenerationRequest]) -> list[Job]:
     """Queue several jobs at once (n choices), all or none, or raise the ApiError that tells the client why."""
     try:
         return engine.submit_all(requests)
@@ -48,7 +49,7 @@ def submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[Job]:
                        prompt_tokens=exc.prompt_tokens, limit=exc.limit, max_context=exc.max_context) from None
 
 
-def not_ready_message(engine: Engine) -> str:
+def not_ready_message(engine: GenerationEngine) -> str:
     if engine.state == "error":
         return f"the model is not available: {engine.detail.get('error', 'see the server log')}"
     if engine.state == "unavailable":  # a front end whose upstream engines do not answer
@@ -58,13 +59,13 @@ def not_ready_message(engine: Engine) -> str:
     return f"the model is still {engine.state}{done}; try again in a few seconds"
 
 
-def tokenizer_of(engine: Engine):
+def tokenizer_of(engine: GenerationEngine):
     if engine.loaded is None:  # (a front end counts tokens also while its upstreams are away)
         raise ApiError(503, not_ready_message(engine), code="model_not_ready", headers=RETRY_AFTER)
     return engine.loaded.tokenizer
 
 
-def follow(engine: Engine, job: Job, disconnected: Callable[[], bool], route: str) -> Iterator[Update | Finished]:
+def follow(engine: GenerationEngine, job: Job, disconnected: Callable[[], bool], route: str) -> Iterator[Update | Finished]:
     """The job's events; interrupts the job when the client disconnects or stops reading. Every job is logged
     when it ends, also one whose client went away (finish reason `interrupted`)."""
     job.when_finished(lambda finished: log_finished(route, job, finished))
@@ -86,7 +87,7 @@ def follow(engine: Engine, job: Job, disconnected: Callable[[], bool], route: st
             engine.interrupt(job.id)
 
 
-def follow_all(engine: Engine, jobs: list[Job], disconnected: Callable[[], bool],
+def follow_all(engine: GenerationEngine, jobs: list[Job], disconnected: Callable[[], bool],
                route: str) -> Iterator[tuple[int, Update | Finished]]:
     """Several jobs' events (n choices) as they come, each with its job's index; like `follow`, a client that
     goes away interrupts them all."""
@@ -121,7 +122,7 @@ def follow_all(engine: Engine, jobs: list[Job], disconnected: Callable[[], bool]
                 engine.interrupt(job.id)
 
 
-def wait_all(engine: Engine, route: str, jobs: list[Job], disconnected: Callable[[], bool]) -> list[Finished]:
+def wait_all(engine: GenerationEngine, route: str, jobs: list[Job], disconnected: Callable[[], bool]) -> list[Finished]:
     """`wait_for` for several jobs (n choices): every one finished, or the 503 of the first that failed."""
     for _ in follow_all(engine, jobs, disconnected, route):
         pass
@@ -132,7 +133,7 @@ def wait_all(engine: Engine, route: str, jobs: list[Job], disconnected: Callable
     return [job.result for job in jobs]
 
 
-def wait_for(engine: Engine, route: str, job: Job, disconnected: Callable[[], bool]) -> Finished:
+def wait_for(engine: GenerationEngine, route: str, job: Job, disconnected: Callable[[], bool]) -> Finished:
     """The finished job of a non-streaming request; a failed generation becomes a 503 the client can retry.
 
     The client may leave while it waits (a timeout, a cancelled task, an SDK's retry): waitress then reports the
@@ -150,10 +151,52 @@ def sse(payload, event: str | None = None) -> bytes:
     return ((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode("utf-8")
 
 
-def event_stream(events, job: Job) -> Response:
-    """A text/event-stream response that names its job in X-Job-Id; nothing in between buffers it."""
-    return Response(events, content_type="text/event-stream; charset=utf-8",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job.id})
+def event_stream(events, *jobs: Job, content_type: str = "text/event-stream; charset=utf-8") -> Response:
+    """A streamed response (SSE by default) that names its (first) job in X-Job-Id; nothing in between buffers
+    it, and a client that stops reading cannot hold the thread or the memory (`paced`)."""
+    from flask import request
+
+    from .app import current_engine, current_settings
+
+    engine = current_engine()
+
+    def stop():
+        for job in jobs:
+            engine.interrupt(job.id)
+
+    body = paced(events, request.environ, stop, current_settings().write_timeout)
+    return Response(body, content_type=content_type,
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": jobs[0].id})
+
+
+UNSENT_LIMIT = 256 * 1024  # bytes waiting for a client before the stream waits for it to read
+
+
+def paced(chunks, environ: dict, stop: Callable[[], None], write_timeout: float) -> Iterator[bytes]:
+    """`chunks`, handed to waitress only while the client reads: with more than UNSENT_LIMIT bytes unsent, wait
+    for the client (waitress's own write would block the thread for good); after `write_timeout` seconds without
+    progress, stop the job and end the response, which frees the thread (the connection closes later as idle).
+    Meanwhile the job's queue keeps only the newest updates (engine/jobs.EventQueue)."""
+    channel = getattr(environ.get("waitress.client_disconnected"), "__self__", None)
+    unsent = (lambda: channel.total_outbufs_len) if channel is not None else (lambda: 0)
+    try:
+        for chunk in chunks:
+            waited_since, before = None, unsent()
+            while unsent() > UNSENT_LIMIT:
+                now = time.monotonic()
+                if unsent() < before:  # it reads, if slowly
+                    waited_since, before = now, unsent()
+                waited_since = waited_since or now
+                if now - waited_since > write_timeout or not channel.connected:
+                    log.warning("a client stopped reading for %.0f s; its job is stopped", write_timeout)
+                    stop()
+                    return
+                time.sleep(0.05)
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # runs the generator's own cleanup (follow() interrupts a job whose client is gone)
 
 
 def summary(job: Job, finished: Finished) -> dict:

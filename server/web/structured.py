@@ -45,7 +45,7 @@ def checked(grammar: str | None, engine, answer_prefix: str = "", param: str = "
     """`grammar` once it compiles against the model's vocabulary and the answer prefix can begin it."""
     if grammar is None:
         return None
-    if not getattr(engine, "constrained_decoding", False):
+    if not engine.constrained_decoding:
         raise ApiError(400, f"'{param}' needs this server's own engine: with --backend send it to the engine "
                             "directly", param=param, code="unsupported_field")
     tokenizer = tokenizer_of(engine)
