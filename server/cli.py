@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = lambda raw, f=f: parse_value(f, raw)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        names = ["--" + name.replace("_", "-") for name in (f.name, f.metadata.get("old_name")) if name]
+        parser.add_argument(*names, **kwargs)
     return parser
 
 
@@ -96,7 +97,7 @@ def settings_from(args: argparse.Namespace, environ=None) -> Settings:
     changes.update(from_env(environ))
     flags = {f.name: getattr(args, f.name) for f in settings_fields() if getattr(args, f.name) is not None}
     changes.update({name: ",".join(v) if isinstance(v, list) else v for name, v in flags.items()})
-    return Settings().replace(**changes)
+    return Settings.from_changes(changes)
 
 
 def run_export(settings: Settings, target: str | None) -> int:

@@ -18,19 +18,27 @@ from .errors import UserError  # noqa: F401 (defined in errors.py, importable he
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "THUDM" / "chatglm2-6b"
+# --model NAME: the hub repository each name downloads (into THUDM/<name>/); the prompt format is read from the
+# folder's own files (model/family.py). chatglm2-6b-int4 (packed int4 weights) is not among them yet.
+MODELS = {"chatglm2-6b": "THUDM/chatglm2-6b", "chatglm2-6b-32k": "THUDM/chatglm2-6b-32k",
+          "chatglm3-6b": "THUDM/chatglm3-6b", "chatglm3-6b-32k": "THUDM/chatglm3-6b-32k"}
 ENV_PREFIX = "CHATGLM2_"
 SETTINGS_FILE = PROJECT_ROOT / "settings.ini"
 SETTINGS_FILE_ENV = "CHATGLM2_SETTINGS_FILE"  # another settings file (tests point it at their own)
 
 
-def option(default, help: str, choices=None, env: str | None = None, repeat: bool = False):
+def option(default, help: str, choices=None, env: str | None = None, repeat: bool = False, old_name: str = ""):
     """A settings field with the help text the CLI shows; `env` names an extra standard variable; a `repeat` flag
-    may be given several times (the values are joined with commas, as the file and variables write them)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "env": env, "repeat": repeat})
+    may be given several times (the values are joined with commas, as the file and variables write them);
+    `old_name` is the name it had before, still accepted as flag, setting and variable."""
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env, "repeat": repeat,
+                                            "old_name": old_name})
 
 
 @dataclass
 class Settings:
+    model: str = option("chatglm2-6b", "which model to run: sets --repo and --model-dir (THUDM/<name>) unless they "
+                                       "are given", choices=tuple(MODELS))
     model_dir: Path = option(DEFAULT_MODEL_DIR, "model folder in the hub layout of THUDM/chatglm2-6b")
     repo: str = option("THUDM/chatglm2-6b", "hub repository downloaded when the model folder lacks files")
     revision: str = option("main", "branch, tag or commit of --repo to download")
@@ -56,13 +64,13 @@ class Settings:
         "compute dtype; auto = float16 on CUDA, bfloat16 on CPU; float32 gives the reference's exact logits",
         choices=("auto", "float16", "bfloat16", "float32"),
     )
-    cpu_backend: str = option(
+    cpu_kernels: str = option(
         "auto",
         "what runs 4/8-bit weights on the CPU, quantized once and cached: torch = torch's own kernels; onednn = "
         "the same, 8-bit on oneDNN's int8 GEMM (refused where it is not exact: CPUs without VNNI); bnb = "
         "bitsandbytes (NF4 / LLM.int8); auto = torch's kernels, 8-bit on whichever int8 kernel is measured faster "
-        "at start, or bnb with --dtype float32 (see docs/performance.md)",
-        choices=("auto", "torch", "onednn", "bnb"),
+        "at start, or bnb with --dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
+        choices=("auto", "torch", "onednn", "bnb"), old_name="cpu_backend",
     )
     backend: str | None = option(
         None, "generate on OpenAI-compatible engines (vLLM, SGLang, llama.cpp's server) instead of a local model: "
@@ -101,6 +109,14 @@ class Settings:
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_changes(cls, changes: dict) -> Settings:
+        """Settings with `changes`; a chosen model brings its repository and folder unless those are given."""
+        model = changes.get("model")
+        if model and model in MODELS:
+            changes = {"repo": MODELS[model], "model_dir": PROJECT_ROOT / "THUDM" / model, **changes}
+        return cls().replace(**changes)
+
 
 def settings_fields():
     return dataclasses.fields(Settings)
@@ -122,7 +138,9 @@ def parse_value(f: dataclasses.Field, raw: str):
 
 
 def field_named(name: str) -> dataclasses.Field | None:
-    return next((f for f in settings_fields() if f.name == name.strip().lower().replace("-", "_")), None)
+    """The field of this name, or of its former name (settings files written for an older release)."""
+    name = name.strip().lower().replace("-", "_")
+    return next((f for f in settings_fields() if name in (f.name, f.metadata.get("old_name"))), None)
 
 
 def from_file(path: Path | None = None, environ=None) -> dict:
@@ -173,7 +191,8 @@ def from_env(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     changes = {}
     for f in settings_fields():
-        for name in (ENV_PREFIX + f.name.upper(), f.metadata.get("env")):
+        old = f.metadata.get("old_name")
+        for name in (ENV_PREFIX + f.name.upper(), f.metadata.get("env"), old and ENV_PREFIX + old.upper()):
             if name and environ.get(name, "") != "":
                 try:
                     changes[f.name] = check_choice(f, parse_value(f, environ[name]))

@@ -75,12 +75,6 @@ def disk_cache_mb(settings: Settings) -> int:
     """As asked, or 2 GB where the model folder's disk has 8 GB free (0: off)."""
     if settings.prompt_cache_disk_mb is not None:
         return settings.prompt_cache_disk_mb
-    import shutil
+    from .model.disk import free_bytes
 
-    folder = settings.model_dir
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return 2048 if shutil.disk_usage(folder).free >= 8 * 1024**3 else 0
-    except OSError:
-        return 0
+    return 2048 if free_bytes(settings.model_dir) >= 8 * 1024**3 else 0

@@ -11,6 +11,7 @@ import requests
 
 from server.config import Settings, from_env
 from server.engine import Engine
+from server.model import disk
 from server.setup import bootstrap
 from server.setup.bootstrap import DownloadError, ensure_model
 from server.startup import load_for
@@ -168,7 +169,7 @@ def test_offline_names_the_missing_files_and_never_connects(hub, tmp_path):
 
 
 def test_not_enough_disk_is_refused_before_downloading(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(bootstrap.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
     with pytest.raises(DownloadError, match="Not enough disk space") as err:
         ensure_model(settings_for(hub, tmp_path / "m"))
     assert "GB" in str(err.value)

@@ -118,12 +118,12 @@ def test_http_layer_starts_without_the_model_stack():
     ("onednn", 8, "torch"),  # torch's kernels, 8-bit on oneDNN's
 ])
 def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expected):
-    plan = plan_for(Settings(cpu_backend=asked, quantize=bits), CPU)
+    plan = plan_for(Settings(cpu_kernels=asked, quantize=bits), CPU)
     assert plan.device == "cpu" and plan.bits == bits and plan.backend == expected
     assert plan.int8_kernel == (asked if asked in ("torch", "onednn") else "auto")
-    assert plan_for(Settings(cpu_backend=asked, quantize=16), CPU).backend == "dense"
+    assert plan_for(Settings(cpu_kernels=asked, quantize=16), CPU).backend == "dense"
     gpu = Hardware(cuda=True, free_bytes=6 * GIB, name="RTX 3060")
-    assert plan_for(Settings(cpu_backend=asked), gpu).backend == "bnb"  # the setting is about the CPU only
+    assert plan_for(Settings(cpu_kernels=asked), gpu).backend == "bnb"  # the setting is about the CPU only
 
 
 def kernels(int8: float, int4: float, bf16: float = 20.0) -> KernelChoice:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.model import convert
+from server.model import convert, disk
 from server.model.convert import ConversionError, cache_dir, ensure_converted
 from server.model.loader import ModelLoadError, load_model
 from tests.checkpoint_factory import write_checkpoint
@@ -201,7 +201,7 @@ def test_missing_files_are_listed(tmp_path):
 
 def test_disk_space_is_checked_before_converting(tmp_path, monkeypatch):
     folder = write_checkpoint(tmp_path / "ckpt")
-    monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(ConversionError, match="not enough disk space"):
         ensure_converted(folder)
     assert not cache_dir(folder).exists()

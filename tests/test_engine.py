@@ -188,7 +188,7 @@ def test_apply_stop(text, stops, visible, hit):
 
 def test_special_and_padding_ids_are_never_sampled():
     vocab, first_special, eos = 64, 40, 2
-    mask = vocabulary_mask(vocab, first_special, eos, "cpu")
+    mask = vocabulary_mask(vocab, first_special, {eos}, "cpu")
     logits = torch.zeros(vocab)
     logits[41], logits[60] = 50.0, 50.0  # a special id and a padding id look most likely
     assert sample(logits + mask, Sampling(temperature=0), None) not in (41, 60)

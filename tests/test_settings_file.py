@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import build_parser, settings_from
-from server.config import DEFAULT_MODEL_DIR, SETTINGS_FILE, UserError, from_file
+from server.config import DEFAULT_MODEL_DIR, SETTINGS_FILE, Settings, UserError, from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,11 @@ def test_the_shipped_file_is_commented_in_chinese_and_english_and_parses_to_the_
     text = raw.decode("utf-8-sig")
     assert "镜像" in text and "mirror" in text and "端口" in text and "API key" in text
     changes = from_file(SETTINGS_FILE)
-    assert set(changes) >= {"mirror", "port", "profile", "model_dir", "open_browser", "host"}
+    assert set(changes) >= {"mirror", "port", "profile", "model", "open_browser", "host"}
     assert changes["mirror"] == "auto" and changes["port"] == 5178 and changes["open_browser"] is True
-    assert changes["model_dir"] == DEFAULT_MODEL_DIR and "api_key" not in changes  # empty = default
+    assert "api_key" not in changes and "model_dir" not in changes  # empty = default
+    assert Settings.from_changes(changes).model_dir == DEFAULT_MODEL_DIR  # THUDM/chatglm2-6b, as before
+    assert Settings.from_changes({**changes, "model": "chatglm3-6b"}).model_dir.name == "chatglm3-6b"
 
 
 def test_file_then_environment_then_flags(tmp_path):
@@ -66,3 +68,17 @@ def test_a_broken_file_is_one_line_on_the_console_not_a_traceback(tmp_path):
                           env={**os.environ, "CHATGLM2_SETTINGS_FILE": str(ini)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "设置文件有误" in proc.stderr and "'port = five' is not valid" in proc.stderr
+
+
+def test_the_former_name_of_a_setting_still_works(tmp_path):
+    """--cpu-backend became --cpu-kernels: settings files, variables and flags written for it still work."""
+    from server.cli import build_parser
+    from server.config import from_env, from_file
+
+    ini = tmp_path / "settings.ini"
+    ini.write_text("[server]\ncpu_backend = torch\n", encoding="utf-8")
+    assert from_file(ini) == {"cpu_kernels": "torch"}
+    assert from_env({"CHATGLM2_CPU_BACKEND": "onednn"}) == {"cpu_kernels": "onednn"}
+    assert from_env({"CHATGLM2_CPU_KERNELS": "bnb", "CHATGLM2_CPU_BACKEND": "onednn"}) == {"cpu_kernels": "bnb"}
+    for flag in ("--cpu-kernels", "--cpu-backend"):
+        assert build_parser().parse_args([flag, "torch"]).cpu_kernels == "torch"

@@ -200,7 +200,7 @@ def test_completion_body_maps_the_fitted_prompt_and_sampling(engine):
                     "stream": True, "stream_options": {"include_usage": True},
                     "logit_bias": {str(i): -100 for i in specials}, "seed": 2**63 - 1, "stop": ["\n\n"]}
     padded = banned_ids(tok, 448)  # llama-server says n_vocab: its padding rows are banned too, as locally
-    assert padded == range(tok.first_special_id, 448)
+    assert padded == list(range(tok.first_special_id, 448))
     sampled = Job(request=GenerationRequest(query="q", temperature=0.8, top_p=0.7), prompt=job.prompt)
     assert completion_body(Upstream("http://x/v1"), sampled, padded, text="[gMASK]sop...") == {
         "model": "chatglm2-6b", "prompt": "[gMASK]sop...", "max_tokens": 7, "temperature": 0.8, "top_p": 0.7,

@@ -19,6 +19,7 @@ MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-40 overflow t
 class GenerationRequest:
     query: str
     history: list[tuple[str, str]] = field(default_factory=list)
+    system: str = ""  # ChatGLM3's system message; ChatGLM2 reads it before the first question
     answer_prefix: str = ""
     max_length: int | None = None  # prompt + reply, as in ChatGLM2; None = the context budget
     max_new_tokens: int | None = None  # reply only (OpenAI's max_tokens); overrides max_length
@@ -59,7 +60,7 @@ def fit_prompt(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, max_con
         dropped, ids = 0, list(request.prompt_ids)
     else:
         dropped = rounds_to_drop(tokenizer, request, limit)
-        ids = tokenizer.build_prompt(request.query, request.history[dropped:], request.answer_prefix)
+        ids = tokenizer.build_prompt(request.query, request.history[dropped:], request.answer_prefix, request.system)
     if len(ids) > limit:
         raise ContextOverflow(len(ids), limit, max_context)
 
@@ -75,15 +76,15 @@ def rounds_to_drop(tokenizer: ChatGLM2Tokenizer, request: GenerationRequest, lim
     round is tokenized once to estimate where the cut goes; the exact prompt is then built only around that
     point (the estimate is off by a few tokens: rounds are renumbered and pieces can merge across rounds).
     """
-    history, query, prefix = request.history, request.query, request.answer_prefix
+    history, query, prefix, system = request.history, request.query, request.answer_prefix, request.system
 
     def fits(dropped: int) -> bool:
-        return len(tokenizer.build_prompt(query, history[dropped:], prefix)) <= limit
+        return len(tokenizer.build_prompt(query, history[dropped:], prefix, system)) <= limit
 
     if fits(0) or not history:
         return 0
     costs = [len(tokenizer.pieces(round_text(i, q, a))) for i, (q, a) in enumerate(history, start=1)]
-    room = limit - len(tokenizer.build_prompt(query, [], prefix))
+    room = limit - len(tokenizer.build_prompt(query, [], prefix, system))
     dropped, kept = len(history), 0
     while dropped > 0 and kept + costs[dropped - 1] <= room:  # keep the newest rounds while they fit
         dropped -= 1

@@ -87,7 +87,8 @@ class Engine(EngineState):
 
         self.loaded = loaded
         tok = loaded.tokenizer
-        self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.eos_id, loaded.device)
+        self._mask = vocabulary_mask(loaded.model.config.vocab_size, tok.first_special_id, tok.stop_ids,
+                                     loaded.device)
         if self.prompt_cache_mb is None:
             self.prompt_cache_mb = default_prompt_cache_mb()
         self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2, disk=self._disk_cache(loaded))

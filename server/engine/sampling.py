@@ -104,11 +104,12 @@ def new_generator(sampling: Sampling, device) -> torch.Generator | None:
     return generator
 
 
-def vocabulary_mask(vocab_size: int, first_special_id: int, eos_id: int, device) -> torch.Tensor:
-    """Added to logits: -inf for special and padding ids the tokenizer cannot show, except eos."""
+def vocabulary_mask(vocab_size: int, first_special_id: int, stop_ids, device) -> torch.Tensor:
+    """Added to logits: -inf for special and padding ids the tokenizer cannot show, except those that end a
+    reply (eos; ChatGLM3's <|user|> and <|observation|>)."""
     mask = torch.zeros(vocab_size, device=device)
     mask[first_special_id:] = float("-inf")
-    mask[eos_id] = 0.0
+    mask[list(stop_ids)] = 0.0
     return mask
 
 

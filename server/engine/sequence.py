@@ -21,7 +21,7 @@ class Sequence:
     def __init__(self, job: Job, tokenizer: ChatGLM2Tokenizer, mask: torch.Tensor, cached_tokens: int = 0):
         req = job.request
         self.job = job
-        self.eos_id = tokenizer.eos_id
+        self.stop_ids = tokenizer.stop_ids  # eos, and ChatGLM3's next-turn roles
         self.mask = with_bias(mask, req.logit_bias)
         self.sampling = Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed, top_k=req.top_k,
                                  min_p=req.min_p)
@@ -62,7 +62,7 @@ class Sequence:
             self.constraint.accept(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.reason = "stop"
             return False
         if self.job.request.logprobs is not None:  # (job.logprobs[i] belongs to completion token i + 1)

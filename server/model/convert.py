@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..errors import ConversionError  # noqa: F401 (defined in errors.py, importable here too)
 from .checkpoint import CACHE_NAME, missing_files, weight_files
+from .disk import free_bytes, has_room
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
         raise ConversionError(f"{model_dir} lacks {', '.join(missing)}")
     config = glm_config(read_config(model_dir / "config.json"))
     files = weight_files(model_dir)
-    check_disk_space(model_dir, int(sum(f.stat().st_size for f in files) * OUTPUT_SIZE[fmt]))
+    check_conversion_space(model_dir, int(sum(f.stat().st_size for f in files) * OUTPUT_SIZE[fmt]))
 
     target = cache_dir(model_dir, fmt)
     for stale in model_dir.glob(f".{target.name}.tmp-*"):  # left by a conversion that was killed
@@ -323,9 +324,8 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
         pad += ALIGN - misaligned
 
 
-def check_disk_space(model_dir: Path, needed: int) -> None:
-    free = shutil.disk_usage(model_dir).free
-    if free < needed * 1.05:
+def check_conversion_space(model_dir: Path, needed: int) -> None:
+    if not has_room(model_dir, needed):
         raise ConversionError(
             f"not enough disk space to convert the model: need {needed / 1e9:.1f} GB in {model_dir}, "
-            f"{free / 1e9:.1f} GB free. Free some space and start again.")
+            f"{free_bytes(model_dir) / 1e9:.1f} GB free. Free some space and start again.")

@@ -8,7 +8,7 @@
   channels exact to ~1e-4 where one int8 scale per row loses ~10 %. int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
   ~4.5 bits per weight).
-- bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-backend bnb` at 4-bit: from the
+- bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-kernels bnb` at 4-bit: from the
   cache, from_pretrained needs no quantizing at every start.
 
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact

@@ -94,8 +94,8 @@ def choose_cpu_kernels(plan: Plan) -> dict:
     measured = measure()
     int8 = measured.int8 if plan.int8_kernel == "auto" else plan.int8_kernel
     if int8 == "onednn" and not onednn_int8_exact():
-        raise ModelLoadError("--cpu-backend onednn: oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its sums "
-                             "saturate); use --cpu-backend auto")
+        raise ModelLoadError("--cpu-kernels onednn: oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its sums "
+                             "saturate); use --cpu-kernels auto")
     dense_from = dict(measured.dense_from_tokens)
     if int8 != measured.int8:  # forced to the other kernel: its prompt threshold was not measured
         dense_from[8] = DENSE_FROM_TOKENS[8] if int8 == "torch" else sys.maxsize

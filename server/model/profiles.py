@@ -122,7 +122,7 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
 
     dtype = _dtype(settings.dtype, device, hardware)
     max_context = settings.max_context or PROFILES[profile].max_context
-    asked = settings.cpu_backend if device == "cpu" and bits < 16 else "auto"
+    asked = settings.cpu_kernels if device == "cpu" and bits < 16 else "auto"
     backend = {"auto": "", "onednn": "torch"}.get(asked, asked)
     int8_kernel = asked if asked in ("torch", "onednn") else "auto"
     return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason,

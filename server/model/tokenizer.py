@@ -1,7 +1,8 @@
-"""ChatGLM2 tokenization on sentencepiece: prompt ids, counting, and incremental decoding for streams.
+"""ChatGLM2/3 tokenization on sentencepiece: prompt ids, counting, and incremental decoding for streams.
 
 The reference tokenizer is sentencepiece plus five special tokens appended after the pieces:
-[MASK], [gMASK], [sMASK], sop, eop. A prompt is [gMASK], sop, then the encoded chat text.
+[MASK], [gMASK], [sMASK], sop, eop (ChatGLM3 adds its four role tokens after them: model/family.py). A prompt
+is [gMASK], sop, then the chat: ChatGLM2's rounds as text, or ChatGLM3's messages after role tokens.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ TRAINING_DATE = "2023年"
 
 
 def load_tokenizer(model_dir: str | Path) -> ChatGLM2Tokenizer:
-    """The tokenizer of a model folder, or a ValueError that says what to do."""
+    """The tokenizer of a model folder (in the prompt format its files name), or a ValueError that says what to
+    do."""
+    from .family import detect_family
+
     path = Path(model_dir) / "tokenizer.model"
     try:
-        return ChatGLM2Tokenizer(path)
+        return ChatGLM2Tokenizer(path, family=detect_family(model_dir))
     except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece's parse errors are RuntimeErrors
         raise ValueError(f"{path} is not a sentencepiece model ({str(exc)[:80]}): download it again (delete it "
                          "and start)") from exc
 
 
 class ChatGLM2Tokenizer:
-    def __init__(self, model_file: str | Path):
+    """ChatGLM2's tokenizer, or with family "chatglm3" ChatGLM3's (the same pieces, four role tokens more)."""
+
+    def __init__(self, model_file: str | Path, family: str = "chatglm2"):
         import sentencepiece  # here, not at import: the HTTP layer imports this module before any model
+
+        from .family import CHATGLM3, CHATGLM3_ROLES
 
         # From bytes, not from the path: sentencepiece's Windows build opens files with narrow (ANSI code page)
         # paths, so a folder such as C:\Users\张三\ is "not found" there. Python opens any path.
@@ -34,23 +42,57 @@ class ChatGLM2Tokenizer:
         self.n_pieces = self.sp.get_piece_size()
         if self.n_pieces == 0:  # sentencepiece accepts an empty file and fails only when used
             raise ValueError("the file is empty")
-        self.special_ids = {name: self.n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.family = family
+        specials = SPECIAL_TOKENS + (CHATGLM3_ROLES if family == CHATGLM3 else ())
+        self.special_ids = {name: self.n_pieces + i for i, name in enumerate(specials)}
         self.eos_id = EOS_ID
+        # ids that end a reply (never shown): eos, and for ChatGLM3 the next turn's role (user, observation)
+        self.stop_ids = frozenset({EOS_ID} | {self.special_ids[r] for r in ("<|user|>", "<|observation|>")
+                                             if r in self.special_ids})
+        self.has_system_role = family == CHATGLM3
         # Anything at or above this id is a special token or padding: never shown, never sampled (except eos).
         self.first_special_id = self.n_pieces
-        self.vocab_size = self.n_pieces + len(SPECIAL_TOKENS)  # ids a prompt may hold
+        self.vocab_size = self.n_pieces + len(specials)  # ids a prompt may hold
 
     # -- prompts ---------------------------------------------------------------------------------------------
-    def build_prompt(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> list[int]:
+    def build_prompt(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "",
+                     system: str = "") -> list[int]:
+        """The prompt's ids. ChatGLM2 has no system role: a system text leads the first question there."""
+        if self.has_system_role:
+            return self.prompt_prefix() + self.chatglm3_messages(query, history, answer_prefix, system)
+        query, history = fold_system(system, query, history)
         return self.prompt_prefix() + self.sp.encode(chat_text(query, history, answer_prefix))
+
+    def chatglm3_messages(self, query: str, history: list[tuple[str, str]], answer_prefix: str,
+                          system: str) -> list[int]:
+        """ChatGLM3's format: each message is its role token, the metadata line (empty: "\n") and its text;
+        the prompt ends with <|assistant|> (then the answer prefix, after its metadata line)."""
+        ids = self.message("system", system) if system else []
+        for question, answer in history:
+            ids += self.message("user", question) + self.message("assistant", answer)
+        ids += self.message("user", query) + [self.special_ids["<|assistant|>"]]
+        if answer_prefix:
+            ids += self.sp.encode("\n") + self.sp.encode(answer_prefix)
+        return ids
+
+    def message(self, role: str, text: str) -> list[int]:
+        return [self.special_ids[f"<|{role}|>"]] + self.sp.encode("\n") + self.sp.encode(text)
 
     def prompt_prefix(self) -> list[int]:
         return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
 
-    @staticmethod
-    def prompt_text(query: str, history: list[tuple[str, str]], answer_prefix: str = "") -> str:
+    def prompt_text(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "",
+                    system: str = "") -> str:
         """The prompt as text, special tokens spelled out: what an engine that takes no token ids is sent (its
         tokenizer, e.g. the export's tokenizer.json, turns it into build_prompt's ids)."""
+        if self.has_system_role:
+            messages = [("system", system)] if system else []
+            for question, answer in history:
+                messages += [("user", question), ("assistant", answer)]
+            messages.append(("user", query))
+            return "[gMASK]sop" + "".join(f"<|{role}|>\n{text}" for role, text in messages) + "<|assistant|>" + (
+                f"\n{answer_prefix}" if answer_prefix else "")
+        query, history = fold_system(system, query, history)
         return "[gMASK]sop" + chat_text(query, history, answer_prefix)
 
     # -- counting --------------------------------------------------------------------------------------------
@@ -86,6 +128,15 @@ class ChatGLM2Tokenizer:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def fold_system(system: str, query: str, history: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+    """ChatGLM2 has no system role: the system text and a blank line lead the first question."""
+    if not system:
+        return query, history
+    if history:
+        return query, [(f"{system}\n\n{history[0][0]}", history[0][1]), *history[1:]]
+    return f"{system}\n\n{query}", history
 
 
 def round_text(number: int, question: str, answer: str) -> str:

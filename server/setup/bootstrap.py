@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import Settings
 from ..errors import DownloadError, TransientError  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.checkpoint import CACHE_NAME, missing_files
+from ..model.disk import free_bytes, has_room
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def ensure_model(settings: Settings, report: Report | None = None, only: tuple[s
                             "size" if not present(folder / f.name, f) else "checksum")
                 todo.append(f)
     converted = bool(only) or (folder / CACHE_NAME).exists()  # no conversion follows a partial download
-    check_disk_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
+    check_download_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
     fetch_all(settings, commit, todo, report)
 
 
@@ -252,13 +252,12 @@ def file_digest(path: Path, digest) -> str:
     return digest.hexdigest()
 
 
-def check_disk_space(folder: Path, download: int, conversion: int) -> None:
-    free = shutil.disk_usage(folder).free
-    needed = int((download + conversion) * 1.05)
-    if free < needed:
+def check_download_space(folder: Path, download: int, conversion: int) -> None:
+    """The download and (unless the converted cache exists) the conversion after it must fit."""
+    if not has_room(folder, download + conversion):
         raise DownloadError(
             f"磁盘空间不足 / Not enough disk space in {folder}: the download needs {download / 1e9:.1f} GB and the "
-            f"converted copy {conversion / 1e9:.1f} GB, but only {free / 1e9:.1f} GB are free. "
+            f"converted copy {conversion / 1e9:.1f} GB, but only {free_bytes(folder) / 1e9:.1f} GB are free. "
             "Free some space, or put the model on another disk with --model-dir.")
 
 

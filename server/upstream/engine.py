@@ -223,7 +223,8 @@ class UpstreamEngine(EngineState):
             has_prefix = req.prompt_ids[:2] == tokenizer.prompt_prefix()
             text = ("[gMASK]sop" if has_prefix else "") + req.query
         else:
-            text = tokenizer.prompt_text(req.query, req.history[job.prompt.dropped_rounds:], req.answer_prefix)
+            text = tokenizer.prompt_text(req.query, req.history[job.prompt.dropped_rounds:], req.answer_prefix,
+                                         req.system)
         try:
             stream = client.open_stream(upstream.url, "/completions", completion_body(upstream, job, banned, text),
                                         key)
@@ -305,15 +306,17 @@ class Reply:
                         cached if isinstance(cached, int) else 0, error)
 
 
-def banned_ids(tokenizer: ChatGLM2Tokenizer, n_vocab: int | None) -> range:
+def banned_ids(tokenizer: ChatGLM2Tokenizer, n_vocab: int | None) -> list[int]:
     """Ids a reply must never contain, as the local engine's vocabulary mask has it: the special tokens (eos is
-    below them) and the padding rows after them, as far as the upstream's vocabulary is known (vLLM refuses a
-    logit_bias id beyond it, and does not say its size: then the five special tokens)."""
+    below them; ChatGLM3's <|user|> and <|observation|> end a reply and stay allowed) and the padding rows after
+    them, as far as the upstream's vocabulary is known (vLLM refuses a logit_bias id beyond it, and does not say
+    its size: then the special tokens)."""
     first = tokenizer.first_special_id
-    return range(first, max(n_vocab or 0, first + len(tokenizer.special_ids)))
+    return [i for i in range(first, max(n_vocab or 0, first + len(tokenizer.special_ids)))
+            if i not in tokenizer.stop_ids]
 
 
-def completion_body(upstream: Upstream, job: Job, banned: range, text: str | None = None) -> dict:
+def completion_body(upstream: Upstream, job: Job, banned: list[int], text: str | None = None) -> dict:
     """The streamed /completions request for a job: the fitted prompt (ids, or `text`), its reply budget and
     sampling fields every OpenAI-compatible engine takes, and a logit_bias that bans the `banned` ids."""
     req = job.request

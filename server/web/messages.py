@@ -1,6 +1,7 @@
 """Chat messages (OpenAI's, and Ollama's, which share the shape) -> ChatGLM2's rounds.
 
-System (and developer) messages lead the first user turn (ChatGLM2 has no system role), user/assistant pairs
+System (and developer) messages become the system text (ChatGLM3's system role; for ChatGLM2, which has
+none, the tokenizer puts it before the first question), user/assistant pairs
 become history, and a trailing assistant message is a prefill: it becomes the answer prefix. An agent loop's
 turns map onto rounds too: an assistant message's tool_calls become its text as the model writes calls
 (model/tool_prompt.py), and `tool` messages become a user turn with each result.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from ..model.tokenizer import fold_system
 from ..model.tool_prompt import calls_text, result_text
 from .validation import ApiError
 
@@ -29,7 +31,15 @@ def message_text(message: dict, i: int) -> str:
 
 
 def to_rounds(messages, instructions: str = "") -> tuple[str, list[tuple[str, str]], str]:
-    """(query, history, answer_prefix) from OpenAI messages; `instructions` (the tools) join the system text.
+    """(query, history, answer_prefix) with the system text leading the first question, as ChatGLM2 takes it."""
+    system, query, history, prefix = to_chat(messages, instructions)
+    query, history = fold_system(system, query, history)
+    return query, history, prefix
+
+
+def to_chat(messages, instructions: str = "") -> tuple[str, str, list[tuple[str, str]], str]:
+    """(system, query, history, answer_prefix) from OpenAI messages; `instructions` (the tools) join the system
+    text. The tokenizer puts the system text where the model's format wants it (model/tokenizer.py).
 
     An agent loop's turns map onto rounds too: an assistant message's tool_calls become its text as the model
     writes calls (model/tool_prompt.py), and `tool` messages become a user turn with each result."""
@@ -73,13 +83,7 @@ def to_rounds(messages, instructions: str = "") -> tuple[str, list[tuple[str, st
         else:
             history.append((pending or "", text))
             pending = None
-    if system:  # ChatGLM2 has no system role: the instructions lead the first user turn
-        instructions = "\n\n".join(system)
-        if history:
-            history[0] = (f"{instructions}\n\n{history[0][0]}", history[0][1])
-        else:
-            query = f"{instructions}\n\n{query}"
-    return query, history, prefix
+    return "\n\n".join(system), query, history, prefix
 
 
 def assistant_calls(tool_calls, i: int) -> list[dict]:

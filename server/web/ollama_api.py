@@ -20,7 +20,7 @@ from ..engine.grammar import json_schema_grammar
 from ..model.tokenizer import clean_reply
 from ..model.tool_prompt import read_calls
 from .app import current_engine, current_settings
-from .messages import to_rounds
+from .messages import to_chat
 from .openai_fields import TEMPERATURE, TOP_P, model_id
 from .relay import client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
 from .structured import checked, schema_grammar
@@ -148,14 +148,14 @@ def chat():
     messages = body.get("messages")
     refuse_unsupported(body, messages if isinstance(messages, list) else None)
     tools = tool_use({"tools": body["tools"]}) if body.get("tools") else None
-    query, history, prefix = to_rounds(messages, tools.instructions if tools else "")
+    system, query, history, prefix = to_chat(messages, tools.instructions if tools else "")
     grammar = format_grammar(body, prefix)
     if tools is not None:
         if grammar is not None:
             raise ApiError(400, "'format' and 'tools' cannot be combined: a reply is either a call or the "
                                 "formatted answer", param="format")
         grammar = checked(tools.grammar, current_engine(), prefix, param="tools")
-    job = submit(current_engine(), GenerationRequest(query=query, history=history, answer_prefix=prefix,
+    job = submit(current_engine(), GenerationRequest(query=query, history=history, answer_prefix=prefix, system=system,
                                                      grammar=grammar, **options_of(body)))
     return respond(body, job, "/api/chat", ChatShape(tools is not None))
 
@@ -182,8 +182,7 @@ def generate():
         generation = GenerationRequest(query=prompt, prompt_ids=tokenizer.prompt_prefix() + tokenizer.sp.encode(
             prompt), grammar=format_grammar(body), **request_fields)
     else:
-        generation = GenerationRequest(query=f"{system}\n\n{prompt}" if system else prompt,
-                                       grammar=format_grammar(body), **request_fields)
+        generation = GenerationRequest(query=prompt, system=system, grammar=format_grammar(body), **request_fields)
     return respond(body, submit(current_engine(), generation), "/api/generate", GenerateShape(raw))
 
 

@@ -14,7 +14,7 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
 from .app import current_engine, current_settings
-from .messages import to_rounds
+from .messages import to_chat
 from .openai_fields import (
     IGNORED,
     MAX_TOP_LOGPROBS,
@@ -61,7 +61,7 @@ def chat_request(body: dict) -> tuple[GenerationRequest, bool]:
     """The request, and whether it offers tools (then the reply may be tool calls)."""
     refuse_unknown(body, CHAT_FIELDS, IGNORED)
     tools = tool_use(body)
-    query, history, prefix = to_rounds(body.get("messages"), tools.instructions if tools else "")
+    system, query, history, prefix = to_chat(body.get("messages"), tools.instructions if tools else "")
     grammar = response_format_grammar(body.get("response_format"))
     if tools is not None:
         if grammar is not None:
@@ -73,7 +73,7 @@ def chat_request(body: dict) -> tuple[GenerationRequest, bool]:
     max_tokens = number(body, "max_completion_tokens", None, integer=True, low=1)
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", None, integer=True, low=1)
-    return GenerationRequest(query=query, history=history, answer_prefix=prefix, max_new_tokens=max_tokens,
+    return GenerationRequest(query=query, history=history, answer_prefix=prefix, system=system, max_new_tokens=max_tokens,
                              grammar=grammar, logprobs=logprobs_field(body), **sampling_request(body)), \
         tools is not None
 
