@@ -3,8 +3,12 @@ over other engines (upstream.UpstreamEngine), and the state both report through 
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..config import UserError
 
 if TYPE_CHECKING:
     from .budget import FittedPrompt, GenerationRequest
@@ -25,6 +29,9 @@ class EngineState:
 
     def add_notice(self, text: str) -> None:
         self.notices.append(text)
+
+
+log = logging.getLogger("server.engine.engine")  # (where these lines have always come from)
 
 
 @runtime_checkable
@@ -73,3 +80,27 @@ class GenerationEngine(Protocol):
     def add_notice(self, text: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def load_in_background(engine, loader: Callable, on_ready: Callable | None = None) -> threading.Thread:
+    """`engine.attach(loader(engine))` on a thread, then `on_ready(engine.loaded)`. A failure is reported through
+    /health (state error) and the console; the server keeps answering to show it."""
+    def run():
+        try:
+            engine.attach(loader(engine))
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                log.error("%s", exc)
+            else:
+                log.exception("loading the model failed")
+            log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model did not "
+                      "load; the server keeps running only to show why (at /health and on the chat page). Fix it "
+                      "and start again.")
+            engine.set_state("error", error=str(exc))
+            return
+        if on_ready:
+            on_ready(engine.loaded)
+
+    thread = threading.Thread(target=run, name="model-loader", daemon=True)
+    thread.start()
+    return thread

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import UserError
 from ..errors import EngineBusy, NotReady  # noqa: F401 (defined in errors.py, importable here too)
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
-from .contract import EngineState
+from .contract import EngineState, load_in_background
 from .jobs import Job
 from .sizing import DEFAULT_PREFILL_CHUNK, batch_size, default_prompt_cache_mb
 
@@ -394,27 +393,3 @@ class Engine(EngineState):
     def _forget(self, job: Job) -> None:
         with self._lock:
             self._running.pop(job.id, None)
-
-
-def load_in_background(engine, loader: Callable, on_ready: Callable | None = None) -> threading.Thread:
-    """`engine.attach(loader(engine))` on a thread, then `on_ready(engine.loaded)`. A failure is reported through
-    /health (state error) and the console; the server keeps answering to show it."""
-    def run():
-        try:
-            engine.attach(loader(engine))
-        except Exception as exc:
-            if isinstance(exc, UserError):
-                log.error("%s", exc)
-            else:
-                log.exception("loading the model failed")
-            log.error("模型加载失败；服务继续运行，只为在 /health 和聊天页上显示原因。修正后请重新启动。 / The model did not "
-                      "load; the server keeps running only to show why (at /health and on the chat page). Fix it "
-                      "and start again.")
-            engine.set_state("error", error=str(exc))
-            return
-        if on_ready:
-            on_ready(engine.loaded)
-
-    thread = threading.Thread(target=run, name="model-loader", daemon=True)
-    thread.start()
-    return thread

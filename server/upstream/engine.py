@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.budget import MIN_TEMPERATURE, FittedPrompt, GenerationRequest, fit_prompt
-from ..engine.contract import EngineState
-from ..engine.engine import EngineBusy, NotReady, load_in_background
+from ..engine.contract import EngineState, load_in_background
+from ..engine.engine import EngineBusy, NotReady
 from ..engine.jobs import Job, apply_stop
 from ..errors import UpstreamRejected  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.tokenizer import ChatGLM2Tokenizer
