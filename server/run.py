@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import ipaddress
 import logging
 import signal
+import sys
 import threading
 import time
 import webbrowser
@@ -48,7 +50,9 @@ def run_server(settings: Settings) -> int:
         # the page shows download and loading progress itself; on a thread, since a console browser (lynx, w3m)
         # would otherwise hold the server until it exits
         threading.Thread(target=webbrowser.open, args=(url + "/ui/",), daemon=True).start()
+    stopped = threading.Event()
     stop_on_terminate()
+    console_handler = stop_on_console_close(stopped)  # (kept referenced while the server runs)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -57,13 +61,15 @@ def run_server(settings: Settings) -> int:
         flush(server)
     finally:
         engine.close()
+        stopped.set()
+    del console_handler
     return 0
 
 
 def stop_on_terminate() -> None:
     """SIGTERM (a service manager, `docker stop`, `kill`) and on Windows SIGBREAK (Ctrl+Break) stop the server as
     Ctrl+C does: running and queued replies end as interrupted, with their final events and log lines, instead of
-    the process dying mid-stream. (Closing the console window on Windows is not covered: not tested here.)"""
+    the process dying mid-stream."""
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -73,6 +79,35 @@ def stop_on_terminate() -> None:
     for name in ("SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupt)
+
+
+CONSOLE_CLOSE_EVENTS = (2, 5, 6)  # CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT
+CONSOLE_CLOSE_WAIT = 4.0  # Windows ends the process 5 s after the console closes: stop within that
+
+
+def stop_on_console_close(stopped: threading.Event):
+    """Windows: closing the console window (or logging off, shutting down) stops the server as Ctrl+C does. No
+    signal reaches Python for these, so a console control handler does (SetConsoleCtrlHandler); it returns the
+    handler, which must stay referenced. Elsewhere nothing to do."""
+    if sys.platform != "win32" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    @ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)
+    def handler(event: int) -> bool:
+        return event in CONSOLE_CLOSE_EVENTS and on_console_close(stopped)
+
+    ctypes.windll.kernel32.SetConsoleCtrlHandler(handler, True)
+    return handler
+
+
+def on_console_close(stopped: threading.Event, wait: float = CONSOLE_CLOSE_WAIT) -> bool:
+    """On the thread Windows runs console handlers on: interrupt the main thread (as Ctrl+C) and hold the process
+    until the replies have ended and been flushed (Windows ends it when the handler returns)."""
+    _thread.interrupt_main()
+    stopped.wait(wait)
+    return True
 
 
 def flush(server, seconds: float = 3.0) -> None:

@@ -123,3 +123,85 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
     assert finishes == ["interrupted"] * 3, (finishes, log.read_text()[-2000:])
     assert took < 10 and proc.returncode == 0
     assert "Traceback" not in log.read_text()
+
+
+CONSOLE_CLOSE = r'''
+import json, sys, threading, time
+from pathlib import Path
+import requests
+sys.path.insert(0, sys.argv[1])
+from server import run
+from server.config import Settings
+
+url = f"http://127.0.0.1:{sys.argv[3]}"
+events = []
+run.stop_on_console_close = lambda stopped: events.append(stopped)  # (the Windows registration itself)
+
+
+def windows_closes_the_console():
+    """What Windows does when the console window closes: call the handler on a thread of its own."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    ends, started = [], threading.Semaphore(0)
+
+    def stream():
+        with requests.post(url + "/stream", json={"query": "hi", "max_length": 4000}, stream=True, timeout=60) as r:
+            last = None
+            for line in r.iter_lines():
+                if line.startswith(b": job"):
+                    started.release()
+                if line.startswith(b"data: "):
+                    last = line
+            ends.append(json.loads(last[6:]).get("finish_reason"))
+
+    clients = [threading.Thread(target=stream) for _ in range(3)]
+    for client in clients:
+        client.start()
+    for _ in clients:
+        started.acquire(timeout=30)
+    time.sleep(0.5)
+    start = time.monotonic()
+    returned = run.on_console_close(events[0])
+    held = time.monotonic() - start
+    for client in clients:
+        client.join(timeout=20)
+    print("RESULT", json.dumps({"returned": returned, "held": held, "ends": ends}), flush=True)
+
+
+threading.Thread(target=windows_closes_the_console, daemon=True).start()
+run.run_server(Settings(port=int(sys.argv[3]), offline=True, model_dir=Path(sys.argv[2]), quantize=16, dtype="float32",
+                        max_context=4096, max_batch=2, prompt_cache_disk_mb=0, chatlog=False, open_browser=False))
+time.sleep(1)  # (the handler's thread prints its result)
+'''
+
+
+def test_closing_the_windows_console_ends_streams_like_ctrl_c(tmp_path, tiny_checkpoint):
+    """The console control handler, called as Windows calls it on a console close (its registration with
+    SetConsoleCtrlHandler needs Windows): the replies end as interrupted, and the handler holds the process
+    until they have, within Windows' 5 seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "console_close.py"
+    script.write_text(CONSOLE_CLOSE, encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script), str(root), str(tiny_checkpoint), str(port)], cwd=root,
+                         env={**os.environ, "CHATGLM2_SETTINGS_FILE": str(tmp_path / "none.ini")},
+                         capture_output=True, text=True, timeout=180)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(line[7:])
+    assert result["returned"] is True and result["ends"] == ["interrupted"] * 3, result
+    assert result["held"] < 4.5 and out.returncode == 0

@@ -47,7 +47,7 @@ def test_stuck_readers_do_not_hold_the_server(serve, engine_for, long_model, cap
     server = serve(engine, write_timeout=2)
     history = [["问" * 200, "答" * 200]] * 20  # a long history: every seed event echoes what the model saw
     stuck = [stuck_stream(server.url, {"query": "讲一个很长的故事", "history": history, "max_length": 2048})
-             for _ in range(12)]
+             for _ in range(20)]  # 4 decode, 8 wait, the rest are told 429 (and never read that either)
     try:
         deadline = time.monotonic() + 20
         while len(engine.running_ids) < 4 and time.monotonic() < deadline:
