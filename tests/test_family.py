@@ -93,3 +93,15 @@ def test_model_names_choose_repository_and_folder():
     mine = Settings.from_changes({"model": "chatglm3-6b-32k", "model_dir": "/data/glm"})
     assert mine.repo == "THUDM/chatglm3-6b-32k" and str(mine.model_dir) == "/data/glm"
     assert Settings.from_changes({}).repo == "THUDM/chatglm2-6b"
+
+
+def test_health_names_the_model_and_its_format(serve, engine_for, chatglm3_checkpoint):
+    import requests
+
+    from server.model.loader import load_model
+
+    server = serve(engine_for(load_model(chatglm3_checkpoint, cpu_plan())), repo="THUDM/chatglm3-6b")
+    health = requests.get(server.url + "/health", timeout=10).json()
+    assert health["name"] == "chatglm3-6b" and health["prompt_format"] == CHATGLM3
+    models = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["chatglm3-6b"]

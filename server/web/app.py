@@ -55,6 +55,8 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
             "model": str(settings.model_dir),
             "device": loaded.plan.device if loaded else None,
             "precision": loaded.plan.precision if loaded else None,
+            "name": settings.repo.rstrip("/").rsplit("/", 1)[-1],  # as /v1/models and /api/tags name it
+            "prompt_format": loaded.tokenizer.family if loaded else None,  # chatglm2 or chatglm3 (model/family.py)
             "profile": loaded.plan.profile if loaded else settings.profile,
             "max_context": engine.max_context or settings.max_context,
             "queue": engine.queue_length,
