@@ -162,9 +162,13 @@ def main() -> None:
     threads = [threading.Thread(target=soak.loop, args=plan_item, daemon=True) for plan_item in plan]
     for thread in threads:
         thread.start()
-    samples = []
+    samples, cache = [], []  # (seconds, RSS MB); the prefix cache's MB (bounded by --prompt-cache-mb, 1 GB)
     while time.monotonic() < soak.until:
         samples.append((time.monotonic() - start, rss_mb(proc.pid)))
+        try:
+            cache.append(requests.get(url + "/health", timeout=5).json()["prompt_cache"]["mb"])
+        except (requests.RequestException, KeyError, TypeError):
+            pass
         time.sleep(10)
     # SIGTERM while streams run
     closing = [threading.Thread(target=soak.reader, args=(random.Random(i),), daemon=True) for i in range(3)]
@@ -190,7 +194,9 @@ def main() -> None:
     slope = (warm[-1] - warm[0]) / max((samples[-1][0] - 60) / 60, 1e-9) if len(warm) > 1 else 0.0
     print(f"soak: {args.minutes:.0f} min, write timeout {args.write_timeout} s, server RSS after the first minute "
           f"{warm[0]:.0f} MB, at the end {warm[-1]:.0f} MB, peak {max(r for _, r in samples):.0f} MB, slope "
-          f"{slope:+.2f} MB/min")
+          f"{slope:+.2f} MB/min; the prefix cache held {cache[0] if cache else 0:.0f} MB at first, "
+          f"{cache[-1] if cache else 0:.0f} MB at the end (RSS minus cache: {warm[0] - (cache[0] if cache else 0):.0f} "
+          f"-> {warm[-1] - (cache[-1] if cache else 0):.0f} MB)")
     print("requests: " + ", ".join(f"{kind} {n}" for kind, n in sorted(soak.counts.items())))
     print(f"jobs the clients saw: {len(soak.job_ids)}; without a console line: {len(soak.job_ids - logged)}; "
           f"without a chat-log record: {len(soak.job_ids - records)}")
