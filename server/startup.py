@@ -36,11 +36,12 @@ def make_engine(settings: Settings):
 
 def load_tokenizer_for(settings: Settings, report: Report | None = None):
     """A front end's whole model: tokenizer.model, downloaded alone when missing (-> ChatGLM2Tokenizer)."""
+    from .model.family import family_of
     from .model.tokenizer import load_tokenizer
 
     ensure_model(settings, report, only=("tokenizer.model",))
-    try:
-        return load_tokenizer(settings.model_dir)
+    try:  # (a folder with the tokenizer alone speaks the chosen --model's format)
+        return load_tokenizer(settings.model_dir, family_of(settings.model))
     except ValueError as exc:
         raise UserError(f"无法加载分词器 / Cannot load the tokenizer: {exc}") from exc
 

@@ -105,3 +105,17 @@ def test_health_names_the_model_and_its_format(serve, engine_for, chatglm3_check
     assert health["name"] == "chatglm3-6b" and health["prompt_format"] == CHATGLM3
     models = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["chatglm3-6b"]
+
+
+def test_a_folder_with_the_tokenizer_alone_speaks_the_chosen_models_format(tmp_path, chatglm3_checkpoint):
+    """A front end (--backend) downloads tokenizer.model only: the chosen --model says the format then; a folder
+    with its own files still decides for itself."""
+    from server.startup import load_tokenizer_for
+
+    alone = tmp_path / "front"
+    alone.mkdir()
+    (alone / "tokenizer.model").write_bytes((chatglm3_checkpoint / "tokenizer.model").read_bytes())
+    front = Settings(model="chatglm3-6b", model_dir=alone, offline=True)
+    assert load_tokenizer_for(front).family == CHATGLM3
+    assert load_tokenizer_for(front.replace(model="chatglm2-6b")).family == CHATGLM2
+    assert load_tokenizer(chatglm3_checkpoint, fallback_family=CHATGLM2).family == CHATGLM3

@@ -16,11 +16,15 @@ CHATGLM2, CHATGLM3 = "chatglm2", "chatglm3"
 CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
-def detect_family(folder: Path) -> str:
+def detect_family(folder: Path, fallback: str = CHATGLM2) -> str:
     """chatglm3 when the folder's files say so: its generation config stops on <|user|> (id 64795 after the
     ChatGLM2 vocabulary's 64,789 pieces and 5 specials), its tokenizer config names a role token, or its config
-    names a chatglm3 model; chatglm2 otherwise (also when the files cannot be read)."""
+    names a chatglm3 model; chatglm2 otherwise. `fallback` when the folder has none of those files (a front
+    end's folder holds only tokenizer.model: then the chosen --model decides)."""
     folder = Path(folder)
+    if not any((folder / name).is_file() for name in ("generation_config.json", "tokenizer_config.json",
+                                                       "config.json")):
+        return fallback
     generation = read_json(folder / "generation_config.json")
     stops = generation.get("eos_token_id")
     if isinstance(stops, list) and 64795 in stops:
@@ -32,6 +36,11 @@ def detect_family(folder: Path) -> str:
     if any(isinstance(name, str) and "chatglm3" in name.lower() for name in names):
         return CHATGLM3
     return CHATGLM2
+
+
+def family_of(model_name: str) -> str:
+    """The prompt format of a --model name."""
+    return CHATGLM3 if model_name.startswith("chatglm3") else CHATGLM2
 
 
 def read_json(path: Path) -> dict:

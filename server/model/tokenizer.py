@@ -15,14 +15,14 @@ TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
 TRAINING_DATE = "2023年"
 
 
-def load_tokenizer(model_dir: str | Path) -> ChatGLM2Tokenizer:
-    """The tokenizer of a model folder (in the prompt format its files name), or a ValueError that says what to
-    do."""
+def load_tokenizer(model_dir: str | Path, fallback_family: str = "chatglm2") -> ChatGLM2Tokenizer:
+    """The tokenizer of a model folder (in the prompt format its files name; `fallback_family` when it has no
+    such files), or a ValueError that says what to do."""
     from .family import detect_family
 
     path = Path(model_dir) / "tokenizer.model"
     try:
-        return ChatGLM2Tokenizer(path, family=detect_family(model_dir))
+        return ChatGLM2Tokenizer(path, family=detect_family(model_dir, fallback_family))
     except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece's parse errors are RuntimeErrors
         raise ValueError(f"{path} is not a sentencepiece model ({str(exc)[:80]}): download it again (delete it "
                          "and start)") from exc
