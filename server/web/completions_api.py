@@ -22,14 +22,13 @@ from .openai_fields import (
     choice_count,
     finish_reason,
     model_id,
-    needs_local_engine,
     sampling_request,
     submit_choices,
     text_logprobs,
     usage,
 )
 from .relay import client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
-from .structured import checked, response_format_grammar
+from .structured import checked, needs_local_engine, response_format_grammar
 from .validation import ApiError, flag, json_body, number, refuse_unknown, shown
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
@@ -74,7 +73,7 @@ def completion_requests(body: dict, tokenizer) -> tuple[list[GenerationRequest],
     echo = flag(body, "echo", False)
     top = number(body, "logprobs", None, integer=True, low=0, high=MAX_TOP_LOGPROBS)
     if top is not None:
-        needs_local_engine("logprobs")
+        needs_local_engine(current_engine(), "logprobs")
     max_tokens = number(body, "max_tokens", DEFAULT_MAX_TOKENS, integer=True, low=0 if echo else 1)
     grammar = checked(response_format_grammar(body.get("response_format")), current_engine())
     prompts = prompts_of(body, tokenizer)

@@ -23,13 +23,12 @@ from .openai_fields import (
     choice_count,
     finish_reason,
     model_id,
-    needs_local_engine,
     sampling_request,
     submit_choices,
     usage,
 )
 from .relay import client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
-from .structured import checked, response_format_grammar
+from .structured import checked, needs_local_engine, response_format_grammar
 from .tool_calls import StreamedCalls, reply_message, tool_use
 from .validation import ApiError, flag, json_body, number, refuse_unknown
 
@@ -85,7 +84,7 @@ def logprobs_field(body: dict) -> int | None:
         if top is not None:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         return None
-    needs_local_engine("logprobs")
+    needs_local_engine(current_engine(), "logprobs")
     return top or 0
 
 

@@ -46,17 +46,10 @@ def stop_strings(body: dict) -> list[str]:
     return [s for s in stops if s]
 
 
-def needs_local_engine(param: str) -> None:
-    """Logprobs and grammars need the model's logits: a front end (--backend) refuses them by name."""
-    if not current_engine().constrained_decoding:
-        raise ApiError(400, f"'{param}' needs this server's own engine: with --backend send it to the engine "
-                            "directly", param=param, code="unsupported_field")
-
-
 def choice_count(body: dict, prompts: int = 1) -> int:
     """`n`, bounded by how many rows the engine decodes together (n choices of p prompts take n * p rows)."""
     n = number(body, "n", 1, integer=True, low=1)
-    rows = getattr(current_engine(), "max_batch", 0) or 1
+    rows = current_engine().max_batch or 1
     if n * prompts > rows:
         raise ApiError(400, f"'n' × prompts must be at most {rows} (the requests this server decodes together), "
                             f"not {n * prompts}", param="n")

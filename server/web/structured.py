@@ -41,13 +41,18 @@ def schema_grammar(schema: dict, param: str) -> str:
                        code="invalid_schema") from None
 
 
+def needs_local_engine(engine, param: str) -> None:
+    """Grammars and logprobs need the model's logits: a front end (--backend) refuses them by name."""
+    if not engine.constrained_decoding:
+        raise ApiError(400, f"'{param}' needs this server's own engine: with --backend send it to the engine "
+                            "directly", param=param, code="unsupported_field")
+
+
 def checked(grammar: str | None, engine, answer_prefix: str = "", param: str = "response_format") -> str | None:
     """`grammar` once it compiles against the model's vocabulary and the answer prefix can begin it."""
     if grammar is None:
         return None
-    if not engine.constrained_decoding:
-        raise ApiError(400, f"'{param}' needs this server's own engine: with --backend send it to the engine "
-                            "directly", param=param, code="unsupported_field")
+    needs_local_engine(engine, param)
     tokenizer = tokenizer_of(engine)
     try:
         Constraint(grammar, tokenizer, engine.loaded.model.config.vocab_size, answer_prefix)
