@@ -27,7 +27,7 @@ from .openai_fields import (
     text_logprobs,
     usage,
 )
-from .relay import client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
+from .relay import appended, client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
 from .structured import checked, needs_local_engine, response_format_grammar
 from .validation import ApiError, flag, json_body, number, refuse_unknown, shown
 
@@ -123,7 +123,7 @@ def completions():
             if not echoed[i]:
                 echoed[i] = True
                 yield chunk(i, shown_texts[i], prompt_logprobs_of(tokenizer, job))
-            new = event.generated[len(sent[i]):] if event.generated.startswith(sent[i]) else ""
+            new = appended(sent[i], event.generated)
             logprobs = None
             if job.request.logprobs is not None and event.completion_tokens > scored[i]:
                 items = job.logprobs[scored[i]:event.completion_tokens]

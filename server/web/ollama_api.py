@@ -22,7 +22,7 @@ from ..model.tool_prompt import read_calls
 from .app import current_engine, current_settings
 from .messages import to_chat
 from .openai_fields import TEMPERATURE, TOP_P, model_id
-from .relay import client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
+from .relay import appended, client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
 from .structured import checked, schema_grammar
 from .tool_calls import StreamedCalls, tool_use
 from .validation import ApiError, flag, json_body, number, penalty_fields, refuse_unknown, sampling_fields, shown, text
@@ -199,10 +199,10 @@ class ChatShape:
         for delta in self.calls.deltas(reply) if self.calls else [{"content_upto": reply}]:
             if "tool_calls" in delta:
                 continue  # (sent whole below, as Ollama sends a call)
-            upto = delta["content_upto"]
-            if upto.startswith(self.sent) and len(upto) > len(self.sent):
-                out.append({"message": {"role": "assistant", "content": upto[len(self.sent):]}})
-                self.sent = upto
+            new = appended(self.sent, delta["content_upto"])
+            if new:
+                out.append({"message": {"role": "assistant", "content": new}})
+                self.sent += new
         if isinstance(event, Finished) and self.calls and self.calls.called:
             calls = [{"function": call} for call in read_calls(reply)[0]]
             out.append({"message": {"role": "assistant", "content": "", "tool_calls": calls}})
@@ -231,11 +231,9 @@ class GenerateShape:
         return generated if self.raw else clean_reply(generated)
 
     def deltas(self, event: Update | Finished) -> list[dict]:
-        reply = self.reply(event.generated)
-        if not (reply.startswith(self.sent) and len(reply) > len(self.sent)):
-            return []
-        new, self.sent = reply[len(self.sent):], reply
-        return [{"response": new}]
+        new = appended(self.sent, self.reply(event.generated))
+        self.sent += new
+        return [{"response": new}] if new else []
 
     def whole(self, finished: Finished) -> dict:
         return {"response": self.reply(finished.generated)}

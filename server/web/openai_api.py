@@ -27,7 +27,7 @@ from .openai_fields import (
     submit_choices,
     usage,
 )
-from .relay import client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
+from .relay import appended, client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
 from .structured import checked, needs_local_engine, response_format_grammar
 from .tool_calls import StreamedCalls, reply_message, tool_use
 from .validation import ApiError, flag, json_body, number, refuse_unknown
@@ -105,10 +105,10 @@ class ChoiceStream:
             if "content_upto" not in delta:
                 out.append(self.choice(delta))
                 continue
-            upto = delta["content_upto"]
-            if upto.startswith(self.sent) and len(upto) > len(self.sent):  # deltas only ever append
-                out.append(self.choice({"content": upto[len(self.sent):]}, self.logprobs(event.completion_tokens)))
-                self.sent = upto
+            new = appended(self.sent, delta["content_upto"])
+            if new:
+                out.append(self.choice({"content": new}, self.logprobs(event.completion_tokens)))
+                self.sent += new
         if isinstance(event, Finished):
             called = self.calls is not None and self.calls.called
             rest = self.logprobs(event.completion_tokens)  # tokens that showed no text (trailing spaces)

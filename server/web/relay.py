@@ -141,6 +141,12 @@ def wait_for(engine: GenerationEngine, route: str, job: Job, disconnected: Calla
     return wait_all(engine, route, [job], disconnected)[0]
 
 
+def appended(sent: str, now: str) -> str:
+    """What a reply gained since `sent` was streamed: streamed text only ever grows, so a reply rewritten
+    otherwise (rare: a cleaned placeholder) adds nothing to a delta stream."""
+    return now[len(sent):] if now.startswith(sent) else ""
+
+
 def client_watcher(environ) -> Callable[[], bool]:
     return environ.get("waitress.client_disconnected") or (lambda: False)
 
