@@ -103,6 +103,7 @@ def start_standin(pace_ms: float, max_context: int, folder: Path):
 
 
 def start_front_end(upstream: str, model_dir: Path, max_context: int | None) -> tuple[subprocess.Popen, str]:
+    from tests.live import wait_until_ready
     from tests.wine_helpers import free_port
 
     port = free_port()
@@ -113,13 +114,8 @@ def start_front_end(upstream: str, model_dir: Path, max_context: int | None) -> 
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "CHATGLM2_SETTINGS_FILE": os.devnull},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
+    if wait_until_ready(url):
+        return proc, url
     proc.kill()
     raise SystemExit("the front end did not get ready")
 

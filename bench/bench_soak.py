@@ -131,6 +131,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tests.checkpoint_factory import write_checkpoint
+    from tests.live import wait_until_ready
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     model = write_checkpoint(work / "model")
@@ -146,13 +147,9 @@ def main() -> None:
                                  "--max-context", "2048", "--prompt-cache-disk-mb", "0",
                                  "--write-timeout", str(args.write_timeout)],
                                 cwd=ROOT, env=env, stdout=out, stderr=out)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
+    if not wait_until_ready(url):
+        proc.kill()
+        raise SystemExit(f"the server did not get ready: {console}")
     chatlog = ROOT / "chatlog.log"
     chatlog_start = chatlog.stat().st_size if chatlog.exists() else 0
     start = time.monotonic()
@@ -191,7 +188,8 @@ def main() -> None:
             for line in f:
                 records.update(re.findall(r'"id": "(\w{12})"', line))
     warm = [rss for t, rss in samples if t >= 60] or [rss for _, rss in samples]
-    slope = (warm[-1] - warm[0]) / max((samples[-1][0] - 60) / 60, 1e-9) if len(warm) > 1 else 0.0
+    minutes = (samples[-1][0] - 60) / 60  # the span after the first minute
+    slope = (warm[-1] - warm[0]) / minutes if minutes >= 1 else 0.0  # (none for runs under 2 minutes)
     print(f"soak: {args.minutes:.0f} min, write timeout {args.write_timeout} s, server RSS after the first minute "
           f"{warm[0]:.0f} MB, at the end {warm[-1]:.0f} MB, peak {max(r for _, r in samples):.0f} MB, slope "
           f"{slope:+.2f} MB/min; the prefix cache held {cache[0] if cache else 0:.0f} MB at first, "

@@ -8,6 +8,7 @@ import requests
 
 from server.config import Settings, UserError
 from server.run import run_server
+from tests.live import wait_until_ready
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "BeArEr"])
@@ -82,14 +83,7 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
                                  "--max-context", "4096", "--max-batch", "2", "--prompt-cache-disk-mb", "0"],
                                 cwd=root, env=os.environ, stdout=out, stderr=out)
         try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
-                        break
-                except requests.RequestException:
-                    pass
-                time.sleep(0.2)
+            assert wait_until_ready(url), log.read_text()
             ends, started = [], threading.Semaphore(0)
 
             def stream():
@@ -132,6 +126,7 @@ import requests
 sys.path.insert(0, sys.argv[1])
 from server import run
 from server.config import Settings
+from tests.live import wait_until_ready
 
 url = f"http://127.0.0.1:{sys.argv[3]}"
 events = []
@@ -140,14 +135,7 @@ run.stop_on_console_close = lambda stopped: events.append(stopped)  # (the Windo
 
 def windows_closes_the_console():
     """What Windows does when the console window closes: call the handler on a thread of its own."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=2).json()["status"] == "ready":
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
+    wait_until_ready(url)
     ends, started = [], threading.Semaphore(0)
 
     def stream():
