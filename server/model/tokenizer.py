@@ -45,6 +45,7 @@ class ChatGLM2Tokenizer:
         self.family = family
         specials = SPECIAL_TOKENS + (CHATGLM3_ROLES if family == CHATGLM3 else ())
         self.special_ids = {name: self.n_pieces + i for i, name in enumerate(specials)}
+        self.special_names = {i: name for name, i in self.special_ids.items()}
         self.eos_id = EOS_ID
         # ids that end a reply (never shown): eos, and for ChatGLM3 the next turn's role (user, observation)
         self.stop_ids = frozenset({EOS_ID} | {self.special_ids[r] for r in ("<|user|>", "<|observation|>")
@@ -67,10 +68,8 @@ class ChatGLM2Tokenizer:
                           system: str) -> list[int]:
         """ChatGLM3's format: each message is its role token, the metadata line (empty: "\n") and its text;
         the prompt ends with <|assistant|> (then the answer prefix, after its metadata line)."""
-        ids = self.message("system", system) if system else []
-        for question, answer in history:
-            ids += self.message("user", question) + self.message("assistant", answer)
-        ids += self.message("user", query) + [self.special_ids["<|assistant|>"]]
+        ids = [i for role, text in chatglm3_turns(query, history, system) for i in self.message(role, text)]
+        ids.append(self.special_ids["<|assistant|>"])
         if answer_prefix:
             ids += self.sp.encode("\n") + self.sp.encode(answer_prefix)
         return ids
@@ -86,12 +85,8 @@ class ChatGLM2Tokenizer:
         """The prompt as text, special tokens spelled out: what an engine that takes no token ids is sent (its
         tokenizer, e.g. the export's tokenizer.json, turns it into build_prompt's ids)."""
         if self.has_system_role:
-            messages = [("system", system)] if system else []
-            for question, answer in history:
-                messages += [("user", question), ("assistant", answer)]
-            messages.append(("user", query))
-            return "[gMASK]sop" + "".join(f"<|{role}|>\n{text}" for role, text in messages) + "<|assistant|>" + (
-                f"\n{answer_prefix}" if answer_prefix else "")
+            turns = "".join(f"<|{role}|>\n{text}" for role, text in chatglm3_turns(query, history, system))
+            return "[gMASK]sop" + turns + "<|assistant|>" + (f"\n{answer_prefix}" if answer_prefix else "")
         query, history = fold_system(system, query, history)
         return "[gMASK]sop" + chat_text(query, history, answer_prefix)
 
@@ -121,13 +116,20 @@ class ChatGLM2Tokenizer:
         UTF-8 byte (bytes:\\xe4, as OpenAI spells those)."""
         raw = self.token_bytes(token_id)
         if not raw:
-            specials = {i: name for name, i in self.special_ids.items()}
-            return specials.get(token_id) or (self.sp.id_to_piece(token_id) if token_id < self.n_pieces else
+            return self.special_names.get(token_id) or (self.sp.id_to_piece(token_id) if token_id < self.n_pieces else
                                               f"<pad {token_id}>")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def chatglm3_turns(query: str, history: list[tuple[str, str]], system: str) -> list[tuple[str, str]]:
+    """ChatGLM3's messages as (role, text): the system text when there is one, the rounds, then the question."""
+    turns = [("system", system)] if system else []
+    for question, answer in history:
+        turns += [("user", question), ("assistant", answer)]
+    return [*turns, ("user", query)]
 
 
 def fold_system(system: str, query: str, history: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:

@@ -55,7 +55,7 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
             "model": str(settings.model_dir),
             "device": loaded.plan.device if loaded else None,
             "precision": loaded.plan.precision if loaded else None,
-            "name": settings.repo.rstrip("/").rsplit("/", 1)[-1],  # as /v1/models and /api/tags name it
+            "name": model_name(settings),  # as /v1/models and /api/tags name it
             "prompt_format": loaded.tokenizer.family if loaded else None,  # chatglm2 or chatglm3 (model/family.py)
             "profile": loaded.plan.profile if loaded else settings.profile,
             "max_context": engine.max_context or settings.max_context,
@@ -79,6 +79,11 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     return app
+
+
+def model_name(settings: Settings) -> str:
+    """The model's name (`chatglm2-6b`): the last part of its hub repository."""
+    return settings.repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
 
 
 def current_engine() -> GenerationEngine:

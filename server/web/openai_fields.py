@@ -7,7 +7,7 @@ import dataclasses
 
 from ..engine import Finished, Job
 from ..engine.budget import GenerationRequest
-from .app import current_engine, current_settings
+from .app import current_engine, current_settings, model_name
 from .relay import submit_all, tokenizer_of
 from .validation import ApiError, logit_bias, number, penalty_fields, sampling_fields
 
@@ -22,9 +22,9 @@ LOWEST_LOGPROB = -9999.0  # JSON has no -inf: a token the model rules out is rep
 
 
 def model_id() -> str:
-    """The model's name (`chatglm2-6b`): the last part of its hub repository. A request may name any model:
-    there is one, and clients configured for another name (an alias) reach it too."""
-    return current_settings().repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
+    """The model's name (app.model_name). A request may name any model: there is one, and clients configured for
+    another name (an alias) reach it too."""
+    return model_name(current_settings())
 
 
 def sampling_request(body: dict) -> dict:

@@ -7,6 +7,7 @@ OpenAI shape around it.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -66,8 +67,6 @@ def function_of(tool, i: int) -> dict:
 
 
 def openai_calls(calls: list[dict]) -> list[dict]:
-    import json
-
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls]
