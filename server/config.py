@@ -19,8 +19,9 @@ from .errors import UserError  # noqa: F401 (defined in errors.py, importable he
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "THUDM" / "chatglm2-6b"
 # --model NAME: the hub repository each name downloads (into THUDM/<name>/); the prompt format is read from the
-# folder's own files (model/family.py). chatglm2-6b-int4 (packed int4 weights) is not among them yet.
-MODELS = {"chatglm2-6b": "THUDM/chatglm2-6b", "chatglm2-6b-32k": "THUDM/chatglm2-6b-32k",
+# folder's own files (model/family.py); chatglm2-6b-int4's packed weights are read by model/packed_int4.py.
+MODELS = {"chatglm2-6b": "THUDM/chatglm2-6b", "chatglm2-6b-int4": "THUDM/chatglm2-6b-int4",
+          "chatglm2-6b-32k": "THUDM/chatglm2-6b-32k",
           "chatglm3-6b": "THUDM/chatglm3-6b", "chatglm3-6b-32k": "THUDM/chatglm3-6b-32k"}
 ENV_PREFIX = "CHATGLM2_"
 SETTINGS_FILE = PROJECT_ROOT / "settings.ini"
@@ -42,9 +43,10 @@ class Settings:
     model_dir: Path = option(DEFAULT_MODEL_DIR, "model folder in the hub layout of THUDM/chatglm2-6b")
     repo: str = option("THUDM/chatglm2-6b", "hub repository downloaded when the model folder lacks files")
     revision: str = option("main", "branch, tag or commit of --repo to download")
-    mirror: str = option("auto", "where the model is downloaded from: auto = huggingface.co, or "
-                                 "https://hf-mirror.com when huggingface.co cannot be reached; or a URL to pin one "
-                                 "(also the standard HF_ENDPOINT variable)", env="HF_ENDPOINT")
+    mirror: str = option("auto", "where the model is downloaded from: auto = huggingface.co, then "
+                                 "https://hf-mirror.com, then ModelScope, the first that answers; a URL pins one hub "
+                                 "(also the standard HF_ENDPOINT variable); modelscope pins ModelScope",
+                         env="HF_ENDPOINT")
     offline: bool = option(False, "never touch the network; missing files are an error that names them "
                                   "(also HF_HUB_OFFLINE=1)", env="HF_HUB_OFFLINE")
     verify: bool = option(False, "re-check every model file against the hub's checksums (downloads bad ones again)")

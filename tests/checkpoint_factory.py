@@ -142,3 +142,40 @@ def write_checkpoint(folder: Path, *, eos_bias: float = -30.0, seed: int = 0, sh
     (folder / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
     return folder
+
+
+INT4_LINEARS = ("self_attention.query_key_value.weight", "self_attention.dense.weight", "mlp.dense_h_to_4h.weight",
+                "mlp.dense_4h_to_h.weight")
+
+
+def pack_int4_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and pack one float weight as the reference quantization.py does for chatglm2-6b-int4: one
+    float16 scale per row (absmax / 7), values rounded to integers, and byte j of a row holding column 2j in its
+    high nibble and column 2j + 1 in its low one: (w[2j] << 4) | (w[2j+1] & 0xF)."""
+    scale = (weight.float().abs().amax(dim=-1) / 7).half()
+    values = torch.round(weight.float() / scale.float()[:, None]).to(torch.int16)
+    packed = (values[:, 0::2] << 4) | (values[:, 1::2] & 0xF)
+    return packed.to(torch.int8), scale
+
+
+def write_int4_checkpoint(folder: Path, source: Path) -> Path:
+    """The checkpoint at `source` as THUDM/chatglm2-6b-int4 publishes it: a single pytorch_model.bin whose four
+    linear layers per block are packed int4 (`.weight` int8 [N, K/2] and `.weight_scale` [N]), the rest float16,
+    and `quantization_bit: 4` in config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    cfg = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    cfg.update(quantization_bit=4, _name_or_path="THUDM/chatglm2-6b-int4")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    index = json.loads((source / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, tensor in torch.load(source / shard, weights_only=True).items():
+            if name.endswith(INT4_LINEARS):
+                state[name], state[name + "_scale"] = pack_int4_reference(tensor)
+            else:
+                state[name] = tensor
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder

@@ -246,23 +246,26 @@ def refusing_url() -> str:
 
 def test_auto_mirror_falls_back_when_the_hub_cannot_be_reached(hub, tmp_path, monkeypatch, caplog):
     """Two loopback hubs: the first refuses (as huggingface.co does from mainland China), the second serves."""
-    monkeypatch.setattr(bootstrap, "AUTO_ENDPOINTS", (refusing_url(), hub.url))
+    monkeypatch.setattr(bootstrap, "AUTO_SOURCES", (refusing_url(), hub.url, "modelscope"))
     folder = tmp_path / "m"
     with caplog.at_level("WARNING", logger="server.setup.bootstrap"):
         ensure_model(Settings(model_dir=folder))  # mirror defaults to auto: no setting needed
     assert (folder / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
-    assert any("cannot be reached" in r.getMessage() and hub.url in r.getMessage() for r in caplog.records)
+    assert any("cannot be reached" in r.getMessage() for r in caplog.records)
+    assert any("instead" in r.getMessage() and hub.url in r.getMessage() for r in caplog.records)
 
 
-def test_auto_mirror_keeps_the_hub_when_it_answers(hub, monkeypatch):
-    monkeypatch.setattr(bootstrap, "AUTO_ENDPOINTS", (hub.url, refusing_url()))
-    assert bootstrap.choose_endpoint("auto") == hub.url
-    assert bootstrap.choose_endpoint(None) == hub.url
+def test_auto_mirror_keeps_the_hub_when_it_answers(hub, monkeypatch, tmp_path):
+    monkeypatch.setattr(bootstrap, "AUTO_SOURCES", (hub.url, refusing_url(), "modelscope"))
+    for mirror in ("auto", "AUTO"):
+        chosen, files, commit = bootstrap.list_from_first_source(Settings(model_dir=tmp_path, mirror=mirror))
+        assert chosen.mirror == hub.url and commit == hub.commit and {f.name for f in files} <= set(hub.files)
 
 
-def test_a_pinned_mirror_is_used_as_is_without_probing(monkeypatch):
+def test_a_pinned_mirror_is_used_as_is_without_probing(hub, monkeypatch, tmp_path):
     monkeypatch.setattr(bootstrap, "reachable", lambda url: pytest.fail("a pinned source is not probed"))
-    assert bootstrap.choose_endpoint("https://hf-mirror.com/") == "https://hf-mirror.com"
+    chosen, _files, _commit = bootstrap.list_from_first_source(Settings(model_dir=tmp_path, mirror=hub.url + "/"))
+    assert chosen.mirror == hub.url
 
 
 def test_overall_progress_only_grows_and_reaches_one_exactly_once(hub, tmp_path):

@@ -39,3 +39,13 @@ def missing_files(model_dir: Path) -> list[str]:
         missing.append(INDEX_NAMES[0] + " (or another weight index / single weight file)")
     missing += [f.name for f in files if not f.exists()]
     return missing
+
+
+def source_bits(model_dir: Path) -> int | None:
+    """The bits of a checkpoint that stores quantized weights (4 for chatglm2-6b-int4), None for a float one."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    bits = config.get("quantization_bit") if isinstance(config, dict) else None
+    return bits if isinstance(bits, int) and bits > 0 else None

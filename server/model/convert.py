@@ -28,14 +28,17 @@ from safetensors.torch import save, save_file
 from tqdm import tqdm
 
 from ..errors import ConversionError  # noqa: F401 (defined in errors.py, importable here too)
+from . import packed_int4
 from .checkpoint import CACHE_NAME, missing_files, weight_files
 from .disk import free_bytes, has_room
+from .packed_int4 import Int4Rows
 
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
 # the cache formats, with the size of each against the float16 source (about: for the disk check)
-OUTPUT_SIZE = {"float16": 1.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}
+OUTPUT_SIZE = {"float16": 1.0, "float32": 2.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}
+PACKED_INT4_SIZE = 0.31  # chatglm2-6b-int4's download against the float16 one (3.9 GB of 12.5)
 LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
 Progress = Callable[[float], None]
 
@@ -108,9 +111,7 @@ def convert_tensor(name: str, tensor: torch.Tensor, config: dict) -> dict[str, t
         return {} if target is None else {target: tensor}
     match = LAYER_PATTERN.fullmatch(name)
     if not match or match.group(2) not in LAYER_NAMES:
-        hint = " (quantized checkpoints such as chatglm2-6b-int4 are not supported: use the float16 one)" \
-            if "weight_scale" in name else ""
-        raise ConversionError(f"unexpected tensor {name!r} in the checkpoint{hint}")
+        raise ConversionError(f"unexpected tensor {name!r} in the checkpoint")
     layer, rest = match.groups()
     target = LAYER_NAMES[rest]
     if callable(target):
@@ -213,18 +214,21 @@ def ensure_converted(model_dir: Path, fmt: str = "float16", progress: Progress |
     return cache_dir(model_dir, fmt)
 
 
-def target_tensors(fmt: str) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """native name, float16 tensor -> what the cache of `fmt` stores for it."""
-    if fmt == "float16":
-        return lambda name, tensor: {name: tensor}
+def target_tensors(fmt: str) -> Callable[[str, torch.Tensor | Int4Rows], dict[str, torch.Tensor]]:
+    """native name, source tensor (float16, or a packed int4 weight) -> what the cache of `fmt` stores for it."""
+    if fmt in ("float16", "float32"):  # float16 keeps the source's dtype; float32 exists for packed sources
+        return lambda name, tensor: {name: tensor.dense(tensor.scale.dtype if fmt == "float16" else torch.float32)
+                                     if isinstance(tensor, Int4Rows) else tensor}
     from .cpu_quant import nf4_tensors, quantized_tensors
 
     if fmt == "cpu-nf4":  # as transformers quantizes: every linear layer but the output layer
-        return lambda name, tensor: nf4_tensors(name, tensor) if LINEAR_WEIGHT.search(name) \
+        return lambda name, tensor: nf4_tensors(name, dense(tensor)) if LINEAR_WEIGHT.search(name) \
             and name != "lm_head.weight" else {name: tensor.to(torch.bfloat16)}
     bits = int(fmt.removeprefix("cpu-int"))
 
-    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def transform(name: str, tensor: torch.Tensor | Int4Rows) -> dict[str, torch.Tensor]:
+        if isinstance(tensor, Int4Rows):
+            return packed_int4.cpu_tensors(name, tensor, bits)
         if LINEAR_WEIGHT.search(name):  # the output layer keeps 8 bits (as llama.cpp keeps it above Q4)
             return quantized_tensors(name, tensor, 8 if name == "lm_head.weight" else bits)
         return {name: tensor.to(torch.bfloat16)}
@@ -232,13 +236,19 @@ def target_tensors(fmt: str) -> Callable[[str, torch.Tensor], dict[str, torch.Te
     return transform
 
 
+def dense(tensor: torch.Tensor | Int4Rows) -> torch.Tensor:
+    return tensor.dense(torch.float32) if isinstance(tensor, Int4Rows) else tensor
+
+
 def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = None) -> Path:
     missing = missing_files(model_dir)
     if missing:
         raise ConversionError(f"{model_dir} lacks {', '.join(missing)}")
-    config = glm_config(read_config(model_dir / "config.json"))
+    chatglm = read_config(model_dir / "config.json")
+    config, packed = glm_config(chatglm), packed_int4.quantization_bits(chatglm) is not None
     files = weight_files(model_dir)
-    check_conversion_space(model_dir, int(sum(f.stat().st_size for f in files) * OUTPUT_SIZE[fmt]))
+    float16_size = sum(f.stat().st_size for f in files) / (PACKED_INT4_SIZE if packed else 1)
+    check_conversion_space(model_dir, int(float16_size * OUTPUT_SIZE[fmt]))
 
     target = cache_dir(model_dir, fmt)
     for stale in model_dir.glob(f".{target.name}.tmp-*"):  # left by a conversion that was killed
@@ -252,7 +262,7 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
             from exc
     log.info("converting %s to the native GLM layout (%s) in %s (once)", model_dir, fmt, target)
     try:
-        native, weight_map = convert_shards(files, config, tmp, target_tensors(fmt), progress)
+        native, weight_map = convert_shards(files, config, tmp, target_tensors(fmt), progress, packed)
         missing_names = expected_names(config) - native
         if missing_names:
             raise ConversionError(f"the checkpoint lacks tensors: {', '.join(sorted(missing_names)[:5])}")
@@ -274,9 +284,11 @@ def convert(model_dir: Path, fmt: str = "float16", progress: Progress | None = N
     return target
 
 
-def convert_shards(files: list[Path], config: dict, out: Path, transform, progress: Progress | None = None
-                   ) -> tuple[set[str], dict[str, str]]:
-    """Write one output shard per source shard; return the native names seen and the output's weight map."""
+def convert_shards(files: list[Path], config: dict, out: Path, transform, progress: Progress | None = None,
+                   packed: bool = False) -> tuple[set[str], dict[str, str]]:
+    """Write one output shard per source shard; return the native names seen and the output's weight map.
+    A packed int4 weight is converted once its scale has been read too."""
+    pairing = packed_int4.Int4Pairing() if packed else None
     native: set[str] = set()
     weight_map: dict[str, str] = {}
     total = sum(f.stat().st_size for f in files)
@@ -287,11 +299,12 @@ def convert_shards(files: list[Path], config: dict, out: Path, transform, progre
             shard: dict[str, torch.Tensor] = {}
             size, seen = path.stat().st_size, 0
             for name, tensor in read_tensors(path):
-                for native_name, native_tensor in convert_tensor(name, tensor, config).items():
-                    native.add(native_name)
-                    for new_name, new_tensor in transform(native_name, native_tensor).items():
-                        shard[new_name] = new_tensor.contiguous()
-                        weight_map[new_name] = shard_name
+                for source_name, source in pairing.add(name, tensor) if pairing else [(name, tensor)]:
+                    for native_name, native_tensor in convert_tensor(source_name, source, config).items():
+                        native.add(native_name)
+                        for new_name, new_tensor in transform(native_name, native_tensor).items():
+                            shard[new_name] = new_tensor.contiguous()
+                            weight_map[new_name] = shard_name
                 seen = min(seen + tensor.numel() * tensor.element_size(), size)  # the file has a little more
                 bar.update(done + seen - bar.n)
                 if progress:
@@ -305,6 +318,8 @@ def convert_shards(files: list[Path], config: dict, out: Path, transform, progre
             else:
                 save_file(shard, str(out / shard_name), metadata={"format": "pt"})
             del shard
+    if pairing:
+        pairing.check_complete()
     return native, weight_map
 
 

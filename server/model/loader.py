@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError  # noqa: F401 (defined in errors.py, importable here too)
+from .checkpoint import source_bits
 from .convert import ensure_converted
 from .cpu_quant import DENSE_FROM_TOKENS, Int4Linear, Int8Linear, onednn_int8_exact, swap_linears
 from .profiles import Plan
@@ -72,7 +73,7 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
         tokenizer = load_tokenizer(model_dir)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
-    fmt = cache_format(plan)
+    fmt = cache_format(plan, packed=source_bits(model_dir) is not None)
     converted = ensure_converted(model_dir, fmt, progress)
     kernels = None
     if fmt.startswith("cpu-int"):
@@ -104,13 +105,14 @@ def choose_cpu_kernels(plan: Plan) -> dict:
             "measured": measured.as_dict()}
 
 
-def cache_format(plan: Plan) -> str:
-    """Which converted cache the plan loads (one of convert.OUTPUT_SIZE's formats)."""
+def cache_format(plan: Plan, packed: bool = False) -> str:
+    """Which converted cache the plan loads (one of convert.OUTPUT_SIZE's formats). A packed int4 source in
+    float32 gets a float32 cache: its exact weights (int4 x scale) do not fit in float16."""
     if plan.backend == "torch":
         return f"cpu-int{plan.bits}"
     if plan.backend == "bnb" and plan.device == "cpu" and plan.bits == 4 and plan.dtype == "bfloat16":
         return "cpu-nf4"
-    return "float16"
+    return "float32" if packed and plan.bits == 16 and plan.dtype == "float32" else "float16"
 
 
 def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import Settings
+from .checkpoint import source_bits
 
 if TYPE_CHECKING:  # measured with torch, which this module does not import at the top
     from .cpu_kernels import KernelChoice
@@ -113,6 +114,10 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
     profile = settings.profile
     if profile == "auto":
         profile, reason = _auto_profile(device, hardware)
+        # chatglm2-6b-int4 on the CPU: the int4 cache holds its integers as they are, so more bits would only
+        # cost memory (on a GPU bitsandbytes requantizes: its 8-bit stays closer than NF4, docs/configuration.md)
+        if source_bits(settings.model_dir) == 4 and device == "cpu" and PROFILES[profile].bits > 4:
+            profile, reason = "low", reason + "; the checkpoint holds 4-bit weights: 4-bit"
     else:
         reason = f"profile {profile} was asked for"
     bits = PROFILES[profile].bits

@@ -7,9 +7,9 @@ since huggingface_hub 1.x, so it cannot resume across restarts). Transient failu
 Every downloaded file is checked against the hub's metadata (size, and the LFS sha256 or git blob id): a
 mismatch is deleted and fetched once more, then reported.
 
-Where from: `--mirror auto` (the default) uses huggingface.co when it answers within a few seconds and otherwise
-the well-known mirror hf-mirror.com (mainland China cannot reach huggingface.co), saying so on the console; a URL
-pins one source.
+Where from: `--mirror auto` (the default) tries huggingface.co, then the well-known mirror hf-mirror.com, then
+ModelScope (setup/modelscope.py), taking the first that answers within a few seconds and lists the model, and
+says so on the console when it is not the first; a URL pins one hub, `modelscope` pins ModelScope.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..config import Settings
 from ..errors import DownloadError, TransientError  # noqa: F401 (defined in errors.py, importable here too)
 from ..model.checkpoint import CACHE_NAME, missing_files
 from ..model.disk import free_bytes, has_room
+from . import modelscope
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,14 @@ WEIGHT_LAYOUTS = (  # preferred first: (index file, shard prefix, shard suffix, 
     ("model.safetensors.index.json", "model-", ".safetensors", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model-", ".bin", "pytorch_model.bin"),
 )
-# --mirror auto: tried in order; the first that accepts a connection within PROBE_SECONDS is used
-AUTO_ENDPOINTS = ("https://huggingface.co", "https://hf-mirror.com")
+# --mirror auto: tried in order; the first that accepts a connection within PROBE_SECONDS and lists the model
+AUTO_SOURCES = ("https://huggingface.co", "https://hf-mirror.com", modelscope.NAME)
 PROBE_SECONDS = 5.0
 RETRIES = 5
 BACKOFF_SECONDS = 2.0  # doubled after each failed try
 MANUAL = ("请手动下载 / Download by hand: https://huggingface.co/{repo}/tree/main "
-          "(中国大陆可用镜像 / mainland China mirror: https://hf-mirror.com/{repo}/tree/main) → {folder}")
+          "(中国大陆可用镜像 / mainland China mirror: https://hf-mirror.com/{repo}/tree/main, or ModelScope) → {folder}")
+PACKED_INT4_EXPANSION = 3.2  # chatglm2-6b-int4 (3.9 GB) converts into a float16 cache of 12.5 GB
 
 Report = Callable[..., None]  # report(state, **detail), e.g. Engine.set_state
 
@@ -76,13 +78,12 @@ def ensure_model(settings: Settings, report: Report | None = None, only: tuple[s
             + MANUAL.format(repo=settings.repo, folder=folder))
     report = report or (lambda state, **detail: None)
     report("downloading", progress=0.0)
-    settings = settings.replace(mirror=choose_endpoint(settings.mirror))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"无法创建模型文件夹 / Cannot create {folder}: {exc.strerror or exc}. "
                             "Choose a folder you can write to with --model-dir.") from exc
-    files, commit = remote_files(settings)
+    settings, files, commit = list_from_first_source(settings)
     if only:
         files = [f for f in files if f.name in only]
     todo = [f for f in files if not present(folder / f.name, f)]
@@ -93,22 +94,42 @@ def ensure_model(settings: Settings, report: Report | None = None, only: tuple[s
                             "size" if not present(folder / f.name, f) else "checksum")
                 todo.append(f)
     converted = bool(only) or (folder / CACHE_NAME).exists()  # no conversion follows a partial download
-    check_download_space(folder, sum(f.size for f in todo), 0 if converted else sum(f.size for f in files))
+    conversion = sum(f.size for f in files) * (PACKED_INT4_EXPANSION if "int4" in settings.repo.lower() else 1)
+    check_download_space(folder, sum(f.size for f in todo), 0 if converted else int(conversion))
     fetch_all(settings, commit, todo, report)
 
 
-def choose_endpoint(mirror: str | None) -> str:
-    """The hub to download from: a pinned URL as is; for auto, the first of AUTO_ENDPOINTS that answers."""
-    if mirror and mirror.lower() != "auto":
-        return mirror.rstrip("/")
-    for endpoint in AUTO_ENDPOINTS:
-        if reachable(endpoint):
-            if endpoint != AUTO_ENDPOINTS[0]:
-                log.warning("%s 连不上，改用镜像 %s / %s cannot be reached: downloading from the mirror %s instead "
-                            "(pin a source with mirror = … in settings.ini)", AUTO_ENDPOINTS[0], endpoint,
-                            AUTO_ENDPOINTS[0], endpoint)
-            return endpoint
-    return AUTO_ENDPOINTS[0]  # neither answers: the download's retries then say what is wrong
+def list_from_first_source(settings: Settings) -> tuple[Settings, list[RemoteFile], str]:
+    """The settings with the source chosen, its file list and commit. A pinned source is used as it is (with
+    retries); with auto, a source that does not accept a connection quickly, or refuses to list the model, gives
+    way to the next one, and the console says which one is used."""
+    if (settings.mirror or "auto").lower() != "auto":
+        pinned = settings.mirror if modelscope.is_modelscope(settings.mirror) else settings.mirror.rstrip("/")
+        settings = settings.replace(mirror=pinned)
+        return (settings, *remote_files(settings))
+    for i, source in enumerate(AUTO_SOURCES):
+        last = i == len(AUTO_SOURCES) - 1
+        if not last and not reachable(source_url(source)):
+            log.warning("%s 连不上 / %s cannot be reached; trying %s", source, source, AUTO_SOURCES[i + 1])
+            continue
+        chosen = settings.replace(mirror=source)
+        try:
+            files, commit = remote_files(chosen, retries=RETRIES if last else 1)
+        except DownloadError as exc:
+            if last:
+                raise
+            log.warning("%s 不可用 / %s did not list %s (%s); trying %s", source, source, settings.repo,
+                        str(exc)[:160], AUTO_SOURCES[i + 1])
+            continue
+        if i:
+            log.warning("改用 %s 下载 / downloading from %s instead (pin a source with mirror = … in "
+                        "settings.ini)", source, source)
+        return chosen, files, commit
+    raise AssertionError("the last source either lists the files or raises")
+
+
+def source_url(source: str) -> str:
+    return modelscope.ENDPOINT if modelscope.is_modelscope(source) else source
 
 
 def reachable(endpoint: str) -> bool:
@@ -122,28 +143,38 @@ def reachable(endpoint: str) -> bool:
         return False
 
 
-def remote_files(settings: Settings) -> tuple[list[RemoteFile], str]:
-    """The files to fetch and the commit they belong to."""
+def remote_files(settings: Settings, retries: int = RETRIES) -> tuple[list[RemoteFile], str]:
+    """The files to fetch and the commit (or revision) they belong to."""
+    if modelscope.is_modelscope(settings.mirror):
+        listed = with_retries(settings, "read the file list", lambda: modelscope.list_files(
+            settings.repo, settings.revision), retries)
+        available = {f["Path"]: RemoteFile(f["Path"], int(f.get("Size") or 0), f.get("Sha256") or None, None)
+                     for f in listed}
+        return wanted_files(settings, available), modelscope.revision(settings.revision)
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=settings.mirror)
     info = with_retries(settings, "read the file list", lambda: api.model_info(
-        settings.repo, revision=settings.revision, files_metadata=True))
-    siblings = {s.rfilename: s for s in info.siblings or []}
-    names = [n for n in METADATA_FILES if n in siblings]
+        settings.repo, revision=settings.revision, files_metadata=True), retries)
+    available = {s.rfilename: RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None, s.blob_id)
+                 for s in info.siblings or []}
+    return wanted_files(settings, available), info.sha or settings.revision
+
+
+def wanted_files(settings: Settings, available: dict[str, RemoteFile]) -> list[RemoteFile]:
+    """What the loader uses: the metadata files and one weight layout (no code, no other formats)."""
+    names = [n for n in METADATA_FILES if n in available]
     for index, prefix, suffix, single in WEIGHT_LAYOUTS:
-        if index in siblings:
-            names += [index] + sorted(n for n in siblings if n.startswith(prefix) and n.endswith(suffix))
+        if index in available:
+            names += [index] + sorted(n for n in available if n.startswith(prefix) and n.endswith(suffix))
             break
-        if single in siblings:
+        if single in available:
             names.append(single)
             break
     if "config.json" not in names or "tokenizer.model" not in names or len(names) <= len(METADATA_FILES):
-        raise DownloadError(f"仓库内容不完整 / {settings.repo}@{settings.revision} does not look like a ChatGLM2 "
+        raise DownloadError(f"仓库内容不完整 / {settings.repo}@{settings.revision} does not look like a ChatGLM "
                             f"checkpoint (it lacks config.json, tokenizer.model or weights). Check --repo.")
-    files = [RemoteFile(n, siblings[n].size or 0, siblings[n].lfs.sha256 if siblings[n].lfs else None,
-                        siblings[n].blob_id) for n in names]
-    return files, info.sha or settings.revision
+    return [available[n] for n in names]
 
 
 def fetch_all(settings: Settings, commit: str, files: list[RemoteFile], report: Report) -> None:
@@ -182,16 +213,17 @@ def fetch_verified(settings: Settings, commit: str, f: RemoteFile, progress) -> 
                         + MANUAL.format(repo=settings.repo, folder=settings.model_dir))
 
 
-def with_retries(settings: Settings, what: str, call):
+def with_retries(settings: Settings, what: str, call, retries: int = RETRIES):
     """Run a hub call; retry transient failures with exponential backoff, then give one clear message."""
     delay = BACKOFF_SECONDS
-    for attempt in range(1, RETRIES + 1):
+    for attempt in range(1, retries + 1):
         try:
             return hub_call(settings, what, call)
         except TransientError as exc:
-            if attempt == RETRIES:
+            if attempt == retries:
                 raise DownloadError(str(exc)) from exc
-            log.warning("%s failed: %s; trying again in %.0f s (%d/%d)", what, exc.__cause__, delay, attempt, RETRIES)
+            log.warning("%s failed: %s; trying again in %.0f s (%d/%d)", what, exc.__cause__ or exc, delay, attempt,
+                        retries)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("RETRIES is at least 1")
@@ -212,9 +244,12 @@ def fetch(settings: Settings, commit: str, f: RemoteFile, progress) -> None:
         if resume:
             log.info("resuming %s at %.1f MB", f.name, resume / 1e6)
         if resume < f.size or f.size == 0:
-            url = hf_hub_url(settings.repo, f.name, revision=commit, endpoint=settings.mirror)
-            # build_hf_headers passes HF_TOKEN on when it is set
-            http_get(url, out, resume_size=resume, headers=build_hf_headers(), expected_size=f.size,
+            if modelscope.is_modelscope(settings.mirror):  # (HF_TOKEN is not sent there)
+                url, headers = modelscope.file_url(settings.repo, commit, f.name), {"User-Agent": "my-chatglm2"}
+            else:  # build_hf_headers passes HF_TOKEN on when it is set
+                url, headers = hf_hub_url(settings.repo, f.name, revision=commit, endpoint=settings.mirror), \
+                    build_hf_headers()
+            http_get(url, out, resume_size=resume, headers=headers, expected_size=f.size,
                      displayed_filename=f.name, tqdm_class=progress_bar_reporting(progress))
     partial.replace(path)
 
@@ -268,7 +303,7 @@ def hub_call(settings: Settings, what: str, call):
     """Run a huggingface_hub call; turn its failures into TransientError or one clear DownloadError."""
     from huggingface_hub import errors
 
-    where = settings.mirror or "https://huggingface.co"
+    where = "ModelScope" if modelscope.is_modelscope(settings.mirror) else settings.mirror or "https://huggingface.co"
     not_found = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
                  getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError))
     missing = DownloadError(f"找不到模型仓库 / {settings.repo}@{settings.revision} (or one of its files) was not "
