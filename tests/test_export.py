@@ -103,3 +103,34 @@ def test_the_command_line_exports(tiny_checkpoint, tmp_path, capsys):
 @pytest.mark.skipif(not REAL_TOKENIZER.exists(), reason="the real ChatGLM2 tokenizer is not on this machine")
 def test_the_real_tokenizer_exports_with_the_same_ids():
     assert_same_tokenization(REAL_TOKENIZER, CORPUS + random_texts(2000, seed=1))
+
+
+def test_a_chatglm3_export_speaks_chatglm3(tmp_path):
+    """Its template, special tokens and stops follow ChatGLM3: plain transformers gives our ids and logits."""
+    from server.model.family import CHATGLM3
+    from server.model.tokenizer import load_tokenizer
+    from server.model.tool_prompt import ChatGLM3Tools
+    from server.web.messages import to_chat
+    from tests.checkpoint_factory import write_checkpoint
+    from tests.test_family import chatglm3_files
+
+    folder = chatglm3_files(write_checkpoint(tmp_path / "glm3", seed=4), "generation_config")
+    out = export(folder, tmp_path / "glm3-hf", dtype="float32")
+    ours = load_tokenizer(folder)
+    assert ours.family == CHATGLM3
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    roles = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+    assert tokenizer.convert_tokens_to_ids(roles) == [ours.special_ids[r] for r in roles]
+    tool_loop = [{"role": "user", "content": "天气"}, {"role": "tool", "content": "晴"},
+                 {"role": "tool", "content": "25°C"}, {"role": "assistant", "content": "晴，"}]
+    for messages in MESSAGES + [tool_loop]:
+        system, query, history, prefix = to_chat(messages, "", ChatGLM3Tools())
+        expected = ours.build_prompt(query, history, prefix, system)
+        assert tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False) == expected, messages
+    generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    assert generation["eos_token_id"] == [2, ours.special_ids["<|user|>"], ours.special_ids["<|observation|>"]]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    loaded = load_model(folder, cpu_plan())
+    ids = torch.tensor([ours.build_prompt("hello", [("你好", "世界")], system="S")])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded.model(ids).logits)

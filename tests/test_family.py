@@ -57,7 +57,7 @@ def test_chatglm3_prompt_ids_follow_the_reference_format():
                 + [ASSISTANT] + nl + sp.encode("你好！有什么可以帮你？") + [USER] + nl + sp.encode("讲个笑话") + [ASSISTANT])
     assert tok.build_prompt("讲个笑话", [("你好", "你好！有什么可以帮你？")], system="你是一个助手。") == expected
     assert tok.stop_ids == {2, USER, OBSERVATION}
-    assert tok.prompt_text("讲个笑话", [], system="S") == "[gMASK]sop<|system|>\nS<|user|>\n讲个笑话<|assistant|>"
+    assert tok.prompt_text("讲个笑话", [], system="S") == "[gMASK]sop<|system|>\n S<|user|>\n 讲个笑话<|assistant|>"
     # ChatGLM2 keeps its format: no role tokens, the system text before the first question
     glm2 = ChatGLM2Tokenizer(REAL_TOKENIZER)
     assert glm2.build_prompt("讲个笑话", [], system="S") == glm2.build_prompt("S\n\n讲个笑话", [])

@@ -128,15 +128,17 @@ def test_ollama_tool_turns_map_onto_rounds():
 def test_a_call_is_reported_in_ollamas_shape():
     from server.engine import Finished
     from server.web.ollama_api import ChatShape
+    from server.web.tool_calls import tool_use
 
     call = '{"name": "get_weather", "arguments": {"city": "北京"}}'
     finished = Finished(finish_reason="stop", text=call, generated=" " + call, prompt_tokens=5,
                         completion_tokens=9, dropped_rounds=0, seconds=1.0, first_token_seconds=0.5)
     expected = [{"function": {"name": "get_weather", "arguments": {"city": "北京"}}}]
-    assert ChatShape(True).whole(finished)["message"]["tool_calls"] == expected
-    streamed = ChatShape(True).deltas(finished)
+    tools = tool_use({"tools": [{"type": "function", "function": {"name": "get_weather"}}]})
+    assert ChatShape(tools).whole(finished)["message"]["tool_calls"] == expected
+    streamed = ChatShape(tools).deltas(finished)
     assert [d["message"].get("tool_calls") for d in streamed] == [expected]
-    assert ChatShape(False).whole(finished)["message"]["content"] == call  # without tools: words as they are
+    assert ChatShape(None).whole(finished)["message"]["content"] == call  # without tools: words as they are
 
 
 @pytest.mark.parametrize("body, words", [

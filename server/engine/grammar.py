@@ -80,6 +80,65 @@ def tool_call_grammar(tools: list[dict], required: bool, parallel: bool) -> str:
     return lark_grammar("\n".join(lines))
 
 
+def chatglm3_call_grammar(tools: list[dict], required: bool) -> str:
+    """The grammar of a ChatGLM3 reply to a tools request, in its own format: a call is the tool's name as the
+    metadata line, then ```python / tool_call(key=literal, ...) / ``` on three lines, with the tool's parameters
+    in their listed order, each at most once, the required ones present, each a Python literal of its type
+    (python_value); unless `required`, the reply may be words instead (an empty metadata line, then anything)."""
+    lines = ['start: " "? ' + ("call" if required else "(call | words)"),
+             "call: " + " | ".join(f"call{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        lines.append(f'call{i}: {json.dumps(tool["name"])} "\\n" " "? "```python\\ntool_call(" '
+                     f'{keyword_arguments(tool.get("parameters") or {})} ")\\n```"')
+    lines += ['value: STRING | NUMBER | "True" | "False" | "None"',
+              r"""STRING: /'[^'\\\n]*'/ | /"[^"\\\n]*"/""",
+              r"NUMBER: /-?[0-9]+(\.[0-9]+)?/", r"INTEGER: /-?[0-9]+/",
+              r"KEY: /[A-Za-z_][A-Za-z0-9_]*/"]
+    if not required:
+        lines.append(r"words: /\n(.|\n)*/")
+    return lark_grammar("\n".join(lines))
+
+
+def keyword_arguments(parameters: dict) -> str:
+    """A Lark expression for `key=value, ...` as a schema's properties allow them (any keys without a list)."""
+    properties = parameters.get("properties")
+    if not isinstance(properties, dict):
+        return '(KEY "=" value (", " KEY "=" value)*)?'
+    keys = list(properties)
+    needed = set(parameters.get("required") or ())
+    items = [f'{json.dumps(key)} "=" {python_value(properties[key])}' for key in keys]
+
+    def after(j: int) -> str:  # the arguments after key j-1
+        if j == len(keys):
+            return ""
+        item = f'", " {items[j]}'
+        return (item if keys[j] in needed else f"({item})?") + " " + after(j + 1)
+
+    firsts = []  # which key comes first: any, up to the first required one
+    for j, key in enumerate(keys):
+        firsts.append(f"({items[j]} {after(j + 1)})")
+        if key in needed:
+            break
+    if not firsts:
+        return ""
+    either = " | ".join(firsts)
+    return f"({either})" if needed & set(keys) else f"({either})?"
+
+
+def python_value(schema) -> str:
+    """A Lark expression for a Python literal of a JSON Schema's value: its enum's values, a quoted string (as
+    long as maxLength allows), an integer, a number, True/False, or any literal."""
+    schema = schema if isinstance(schema, dict) else {}
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return "(" + " | ".join(json.dumps(repr(v)) for v in schema["enum"]) + ")"
+    kind = schema.get("type")
+    if kind == "string":
+        most = schema.get("maxLength")
+        count = f"{{0,{most}}}" if isinstance(most, int) and most >= 0 else "*"
+        return f"/'[^'\\\\\\n]{count}'/"
+    return {"integer": "INTEGER", "number": "NUMBER", "boolean": '("True" | "False")'}.get(kind, "value")
+
+
 def lark_grammar(lark: str) -> str:
     import llguidance
 

@@ -7,7 +7,8 @@ code by `AutoModelForCausalLM` / `AutoTokenizer` (and so by engines built on the
 - a fast tokenizer (tokenizer.json) built from tokenizer.model: sentencepiece's BPE as a `tokenizers` BPE model
   whose merges follow the pieces' scores, with ChatGLM2's five special tokens at their ids. Its ids and decoding
   equal sentencepiece's (tests/test_export.py checks a broad corpus);
-- a chat template that turns OpenAI-style messages into exactly the project's prompt (see CHAT_TEMPLATE).
+- a chat template that turns OpenAI-style messages into exactly the project's prompt, in the model's own format
+  (CHAT_TEMPLATE for ChatGLM2, CHATGLM3_TEMPLATE with its role tokens for ChatGLM3, model/family.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .convert import ensure_converted
+from .family import CHATGLM2, CHATGLM3, CHATGLM3_ROLES, detect_family
 from .loader import DTYPES
 from .tokenizer import EOS_ID, SPECIAL_TOKENS
 
@@ -61,6 +63,35 @@ CHAT_TEMPLATE = (
 )
 
 
+# OpenAI-style messages -> the ChatGLM3 prompt, as web/messages.to_chat maps them without tools: the system (and
+# developer) messages as one system message; consecutive user or assistant messages joined by a blank line; a
+# tool message as an observation; a final assistant message is the prefill; a conversation that does not open
+# with a user message gets an empty one (as a round without its question). ChatGLM3 encodes each message's text
+# apart from its role line, so the text starts a new sentencepiece word: the space before it is that word's "▁".
+CHATGLM3_TEMPLATE = (
+    "{%- set ns = namespace(system=[], turns=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.content is string -%}{%- set text = message.content -%}"
+    "{%- else -%}{%- set text = message.content | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- set role = 'observation' if message.role == 'tool' else message.role -%}"
+    "{%- if role in ['system', 'developer'] -%}{%- set ns.system = ns.system + [text] -%}"
+    "{%- elif ns.turns and ns.turns[-1][0] == role and role != 'observation' -%}"
+    "{%- set ns.turns = ns.turns[:-1] + [[role, ns.turns[-1][1] + '\\n\\n' + text]] -%}"
+    "{%- else -%}{%- set ns.turns = ns.turns + [[role, text]] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '[gMASK]sop' -}}"
+    "{%- if ns.system -%}{{- '<|system|>\\n ' ~ (ns.system | join('\\n\\n')) -}}{%- endif -%}"
+    "{%- set turns = ns.turns -%}"
+    "{%- if turns[-1][0] == 'assistant' -%}{%- set prefix = turns[-1][1] -%}{%- set turns = turns[:-1] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- endif -%}"
+    "{%- for role, text in turns -%}"
+    "{%- if loop.first and role != 'user' -%}{{- '<|user|>\\n' -}}{%- endif -%}"
+    "{{- '<|' ~ role ~ '|>\\n' ~ (' ' ~ text if text else '') -}}"
+    "{%- endfor -%}"
+    "{{- '<|assistant|>' -}}{%- if prefix -%}{{- '\\n ' ~ prefix -}}{%- endif -%}"
+)
+
+
 def export(model_dir: Path, out: Path, dtype: str = "float16", progress=None) -> Path:
     """Write the export folder `out` (created; it must not hold a model already)."""
     out = Path(out)
@@ -72,10 +103,14 @@ def export(model_dir: Path, out: Path, dtype: str = "float16", progress=None) ->
     config = json.loads((converted / "config.json").read_text(encoding="utf-8"))
     config["torch_dtype"] = dtype
     write_json(out / "config.json", config)
+    family = detect_family(Path(model_dir))
+    tokenizer = write_tokenizer(Path(model_dir) / "tokenizer.model", out, config.get("max_position_embeddings"),
+                                family)
+    stops = [EOS_ID] + [tokenizer.token_to_id(r) for r in ("<|user|>", "<|observation|>")] \
+        if family == CHATGLM3 else EOS_ID  # a ChatGLM3 reply also ends at the next turn's role
     write_json(out / "generation_config.json", {
-        "eos_token_id": EOS_ID, "pad_token_id": config.get("pad_token_id", 0), "do_sample": True, "top_p": 0.7,
+        "eos_token_id": stops, "pad_token_id": config.get("pad_token_id", 0), "do_sample": True, "top_p": 0.7,
         "temperature": 1.0})
-    write_tokenizer(Path(model_dir) / "tokenizer.model", out, config.get("max_position_embeddings"))
     log.info("exported to %s (%s)", out, dtype)
     return out
 
@@ -116,8 +151,9 @@ def write_weights(converted: Path, out: Path, dtype: torch.dtype) -> None:
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def fast_tokenizer(model_file: Path):
-    """tokenizer.model as a `tokenizers` Tokenizer with the same ids and the same decoding."""
+def fast_tokenizer(model_file: Path, family: str = CHATGLM2):
+    """tokenizer.model as a `tokenizers` Tokenizer with the same ids and the same decoding (and the family's
+    special tokens at their ids)."""
     import sentencepiece
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
@@ -142,17 +178,24 @@ def fast_tokenizer(model_file: Path):
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
-    assert [tokenizer.token_to_id(name) for name in SPECIAL_TOKENS] == list(range(n, n + len(SPECIAL_TOKENS)))
+    specials = special_tokens(family)
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+    assert [tokenizer.token_to_id(name) for name in specials] == list(range(n, n + len(specials)))
     return tokenizer, sp
 
 
-def write_tokenizer(model_file: Path, out: Path, max_length: int | None) -> None:
-    tokenizer, sp = fast_tokenizer(model_file)
+def special_tokens(family: str) -> tuple[str, ...]:
+    return SPECIAL_TOKENS + (CHATGLM3_ROLES if family == CHATGLM3 else ())
+
+
+def write_tokenizer(model_file: Path, out: Path, max_length: int | None, family: str = CHATGLM2):
+    tokenizer, sp = fast_tokenizer(model_file, family)
     tokenizer.save(str(out / "tokenizer.json"))
     write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHATGLM3_TEMPLATE if family == CHATGLM3 else CHAT_TEMPLATE,
         "unk_token": sp.id_to_piece(sp.unk_id()), "eos_token": sp.id_to_piece(EOS_ID),
-        "pad_token": sp.id_to_piece(sp.unk_id()), "additional_special_tokens": list(SPECIAL_TOKENS),
+        "pad_token": sp.id_to_piece(sp.unk_id()), "additional_special_tokens": list(special_tokens(family)),
         "clean_up_tokenization_spaces": False, "model_max_length": max_length or 8192,
     })
+    return tokenizer

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .tool_prompt import split_turn
+
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 EOS_ID = 2
 TRAINING_DATE_PLACEHOLDER = "[[训练时间]]"
@@ -68,14 +70,15 @@ class ChatGLM2Tokenizer:
                           system: str) -> list[int]:
         """ChatGLM3's format: each message is its role token, the metadata line (empty: "\n") and its text;
         the prompt ends with <|assistant|> (then the answer prefix, after its metadata line)."""
-        ids = [i for role, text in chatglm3_turns(query, history, system) for i in self.message(role, text)]
+        messages, prefill = chatglm3_messages(query, history, answer_prefix, system)
+        ids = [i for role, metadata, text in messages for i in self.message(role, text, metadata)]
         ids.append(self.special_ids["<|assistant|>"])
-        if answer_prefix:
-            ids += self.sp.encode("\n") + self.sp.encode(answer_prefix)
+        if prefill:
+            ids += self.sp.encode("\n") + self.sp.encode(prefill)
         return ids
 
-    def message(self, role: str, text: str) -> list[int]:
-        return [self.special_ids[f"<|{role}|>"]] + self.sp.encode("\n") + self.sp.encode(text)
+    def message(self, role: str, text: str, metadata: str = "") -> list[int]:
+        return [self.special_ids[f"<|{role}|>"]] + self.sp.encode(f"{metadata}\n") + self.sp.encode(text)
 
     def prompt_prefix(self) -> list[int]:
         return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
@@ -85,8 +88,10 @@ class ChatGLM2Tokenizer:
         """The prompt as text, special tokens spelled out: what an engine that takes no token ids is sent (its
         tokenizer, e.g. the export's tokenizer.json, turns it into build_prompt's ids)."""
         if self.has_system_role:
-            turns = "".join(f"<|{role}|>\n{text}" for role, text in chatglm3_turns(query, history, system))
-            return "[gMASK]sop" + turns + "<|assistant|>" + (f"\n{answer_prefix}" if answer_prefix else "")
+            messages, prefill = chatglm3_messages(query, history, answer_prefix, system)
+            # (each text is encoded on its own, so it starts a new word: " " is its leading "▁")
+            turns = "".join(f"<|{role}|>{metadata}\n" + (f" {text}" if text else "") for role, metadata, text in messages)
+            return "[gMASK]sop" + turns + "<|assistant|>" + (f"\n {prefill}" if prefill else "")
         query, history = fold_system(system, query, history)
         return "[gMASK]sop" + chat_text(query, history, answer_prefix)
 
@@ -125,11 +130,23 @@ class ChatGLM2Tokenizer:
 
 
 def chatglm3_turns(query: str, history: list[tuple[str, str]], system: str) -> list[tuple[str, str]]:
-    """ChatGLM3's messages as (role, text): the system text when there is one, the rounds, then the question."""
+    """ChatGLM3's turns as (role, text): the system text when there is one, the rounds, then the question."""
     turns = [("system", system)] if system else []
     for question, answer in history:
         turns += [("user", question), ("assistant", answer)]
     return [*turns, ("user", query)]
+
+
+def chatglm3_messages(query: str, history: list[tuple[str, str]], answer_prefix: str,
+                      system: str) -> tuple[list[tuple[str, str, str]], str]:
+    """ChatGLM3's messages (role, metadata, text) and the prefill the reply continues. A turn's text may hold
+    more messages (tool calls, observations: model/tool_prompt.py); so may the answer prefix, whose last message
+    is the prefill when it is plain assistant text."""
+    messages = [m for role, text in chatglm3_turns(query, history, system) for m in split_turn(role, text)]
+    prefix = split_turn("assistant", answer_prefix) if answer_prefix else []
+    if prefix and prefix[-1][:2] == ("assistant", ""):
+        return messages + prefix[:-1], prefix[-1][2]
+    return messages + prefix, ""
 
 
 def fold_system(system: str, query: str, history: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..config import Settings
 from ..engine.contract import GenerationEngine
+from ..model.family import family_of
 from . import origin
 from .validation import ApiError, shown
 
@@ -84,6 +85,13 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
 def model_name(settings: Settings) -> str:
     """The model's name (`chatglm2-6b`): the last part of its hub repository."""
     return settings.repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
+
+
+def prompt_family() -> str:
+    """The prompt format of the model this request goes to: the loaded tokenizer's, or before it has loaded,
+    the chosen --model's (model/family.py)."""
+    loaded = current_engine().loaded
+    return loaded.tokenizer.family if loaded else family_of(current_settings().model)
 
 
 def current_engine() -> GenerationEngine:

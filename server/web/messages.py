@@ -1,10 +1,11 @@
-"""Chat messages (OpenAI's, and Ollama's, which share the shape) -> ChatGLM2's rounds.
+"""Chat messages (OpenAI's, and Ollama's, which share the shape) -> the engine's rounds.
 
 System (and developer) messages become the system text (ChatGLM3's system role; for ChatGLM2, which has
 none, the tokenizer puts it before the first question), user/assistant pairs
 become history, and a trailing assistant message is a prefill: it becomes the answer prefix. An agent loop's
-turns map onto rounds too: an assistant message's tool_calls become its text as the model writes calls
-(model/tool_prompt.py), and `tool` messages become a user turn with each result.
+turns map onto rounds too, in the model's tool format (model/tool_prompt.py): an assistant message's tool_calls
+become the calls as the model writes them, and `tool` messages its results (for ChatGLM2 a user turn, for
+ChatGLM3 an observation; a conversation that ends in one goes on from it with a fresh reply).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 
 from ..model.tokenizer import fold_system
-from ..model.tool_prompt import calls_text, result_text
+from ..model.tool_prompt import MARK, GenericTools, ends_with_observation, segment
 from .validation import ApiError
 
 
@@ -37,12 +38,10 @@ def to_rounds(messages, instructions: str = "") -> tuple[str, list[tuple[str, st
     return query, history, prefix
 
 
-def to_chat(messages, instructions: str = "") -> tuple[str, str, list[tuple[str, str]], str]:
+def to_chat(messages, instructions: str = "", tools=GenericTools) -> tuple[str, str, list[tuple[str, str]], str]:
     """(system, query, history, answer_prefix) from OpenAI messages; `instructions` (the tools) join the system
-    text. The tokenizer puts the system text where the model's format wants it (model/tokenizer.py).
-
-    An agent loop's turns map onto rounds too: an assistant message's tool_calls become its text as the model
-    writes calls (model/tool_prompt.py), and `tool` messages become a user turn with each result."""
+    text as `tools` (the model's tool format) places them. The tokenizer puts the system text where the model's
+    format wants it (model/tokenizer.py)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
     system, turns = [], []  # turns: [role, text], consecutive same roles merged
@@ -57,25 +56,29 @@ def to_chat(messages, instructions: str = "") -> tuple[str, str, list[tuple[str,
         if role == "assistant" and message.get("tool_calls"):
             calls = assistant_calls(message["tool_calls"], i)
             call_names.update((c["id"], c["name"]) for c in calls)
-            text = "\n".join(t for t in (message_text(message, i) if message.get("content") else "",
-                                          calls_text(calls)) if t)
+            words = message_text(message, i) if message.get("content") else ""
+            _, called = tools.calls_turn(calls)
+            text = words + called if called.startswith(MARK) else "\n".join(t for t in (words, called) if t)
         elif role == "tool":
             name = call_names.get(message.get("tool_call_id")) or message.get("tool_name") or message.get("name") or "tool"
-            role, text = "user", result_text(name, message_text(message, i))
+            role, text = tools.result_turn(name, message_text(message, i))
         else:
             text = message_text(message, i)
         if role in ("system", "developer"):
             system.append(text)
         elif turns and turns[-1][0] == role:
-            turns[-1][1] += "\n\n" + text
+            if MARK in turns[-1][1] + text:  # ChatGLM3's messages: each one its own
+                turns[-1][1] += text if text.startswith(MARK) else segment(role, text)
+            else:
+                turns[-1][1] += "\n\n" + text
         else:
             turns.append([role, text])
-    if instructions:
-        system.append(instructions)
     if not any(role == "user" for role, _ in turns):
         raise ApiError(400, "'messages' must contain at least one user message", param="messages")
-    prefix = turns.pop()[1] if turns[-1][0] == "assistant" else ""
-    query = turns.pop()[1]
+    after_result = turns[-1][0] == "assistant" and ends_with_observation(turns[-1][1])
+    prefix = turns.pop()[1] if turns[-1][0] == "assistant" and not after_result else ""
+    tail = turns.pop()[1] if after_result else ""  # a tool's result: the reply follows it, not a prefill
+    query = turns.pop()[1] + tail
     history, pending = [], None
     for role, text in turns:
         if role == "user":
@@ -83,7 +86,7 @@ def to_chat(messages, instructions: str = "") -> tuple[str, str, list[tuple[str,
         else:
             history.append((pending or "", text))
             pending = None
-    return "\n\n".join(system), query, history, prefix
+    return tools.system_text(system, instructions), query, history, prefix
 
 
 def assistant_calls(tool_calls, i: int) -> list[dict]:

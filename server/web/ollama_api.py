@@ -18,13 +18,13 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..engine.grammar import json_schema_grammar
 from ..model.tokenizer import clean_reply
-from ..model.tool_prompt import read_calls
-from .app import current_engine, current_settings
+from ..model.tool_prompt import tool_format
+from .app import current_engine, current_settings, prompt_family
 from .messages import to_chat
 from .openai_fields import TEMPERATURE, TOP_P, model_id
 from .relay import appended, client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
 from .structured import checked, schema_grammar
-from .tool_calls import StreamedCalls, tool_use
+from .tool_calls import StreamedCalls, ToolUse, tool_use
 from .validation import ApiError, flag, json_body, number, penalty_fields, refuse_unknown, sampling_fields, shown, text
 
 bp = Blueprint("ollama", __name__, url_prefix="/api")
@@ -147,8 +147,10 @@ def chat():
     refuse_unknown(body, CHAT_FIELDS)
     messages = body.get("messages")
     refuse_unsupported(body, messages if isinstance(messages, list) else None)
-    tools = tool_use({"tools": body["tools"]}) if body.get("tools") else None
-    system, query, history, prefix = to_chat(messages, tools.instructions if tools else "")
+    family = prompt_family()
+    tools = tool_use({"tools": body["tools"]}, family) if body.get("tools") else None
+    system, query, history, prefix = to_chat(messages, tools.instructions if tools else "",
+                                             tools.format if tools else tool_format(family))
     grammar = format_grammar(body, prefix)
     if tools is not None:
         if grammar is not None:
@@ -157,7 +159,7 @@ def chat():
         grammar = checked(tools.grammar, current_engine(), prefix, param="tools")
     job = submit(current_engine(), GenerationRequest(query=query, history=history, answer_prefix=prefix, system=system,
                                                      grammar=grammar, **options_of(body)))
-    return respond(body, job, "/api/chat", ChatShape(tools is not None))
+    return respond(body, job, "/api/chat", ChatShape(tools))
 
 
 @bp.post("/generate")
@@ -189,8 +191,8 @@ def generate():
 class ChatShape:
     """/api/chat's objects: message deltas (words as content, finished tool calls as tool_calls)."""
 
-    def __init__(self, with_tools: bool):
-        self.calls = StreamedCalls() if with_tools else None
+    def __init__(self, tools: ToolUse | None):
+        self.calls = StreamedCalls(tools.format) if tools else None
         self.sent = ""
 
     def deltas(self, event: Update | Finished) -> list[dict]:
@@ -204,13 +206,13 @@ class ChatShape:
                 out.append({"message": {"role": "assistant", "content": new}})
                 self.sent += new
         if isinstance(event, Finished) and self.calls and self.calls.called:
-            calls = [{"function": call} for call in read_calls(reply)[0]]
+            calls = [{"function": call} for call in self.calls.fmt.read_calls(reply)]
             out.append({"message": {"role": "assistant", "content": "", "tool_calls": calls}})
         return out
 
     def whole(self, finished: Finished) -> dict:
         reply = clean_reply(finished.generated)
-        calls = read_calls(reply)[0] if self.calls else []
+        calls = self.calls.fmt.read_calls(reply) if self.calls else []
         if calls:
             return {"message": {"role": "assistant", "content": "",
                                 "tool_calls": [{"function": call} for call in calls]}}

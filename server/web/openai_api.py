@@ -13,7 +13,8 @@ from flask import Blueprint, jsonify, request
 from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
-from .app import current_engine, current_settings
+from ..model.tool_prompt import tool_format
+from .app import current_engine, current_settings, prompt_family
 from .messages import to_chat
 from .openai_fields import (
     IGNORED,
@@ -29,7 +30,7 @@ from .openai_fields import (
 )
 from .relay import appended, client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
 from .structured import checked, needs_local_engine, response_format_grammar
-from .tool_calls import StreamedCalls, reply_message, tool_use
+from .tool_calls import StreamedCalls, ToolUse, reply_message, tool_use
 from .validation import ApiError, flag, json_body, number, refuse_unknown
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -56,11 +57,13 @@ def model(name: str):
     return jsonify(model_card())  # any name is an alias of the one model
 
 
-def chat_request(body: dict) -> tuple[GenerationRequest, bool]:
-    """The request, and whether it offers tools (then the reply may be tool calls)."""
+def chat_request(body: dict) -> tuple[GenerationRequest, ToolUse | None]:
+    """The request, and the tools it offers (then the reply may be tool calls)."""
     refuse_unknown(body, CHAT_FIELDS, IGNORED)
-    tools = tool_use(body)
-    system, query, history, prefix = to_chat(body.get("messages"), tools.instructions if tools else "")
+    family = prompt_family()
+    tools = tool_use(body, family)
+    system, query, history, prefix = to_chat(body.get("messages"), tools.instructions if tools else "",
+                                             tools.format if tools else tool_format(family))
     grammar = response_format_grammar(body.get("response_format"))
     if tools is not None:
         if grammar is not None:
@@ -73,8 +76,7 @@ def chat_request(body: dict) -> tuple[GenerationRequest, bool]:
     if max_tokens is None:
         max_tokens = number(body, "max_tokens", None, integer=True, low=1)
     return GenerationRequest(query=query, history=history, answer_prefix=prefix, system=system, max_new_tokens=max_tokens,
-                             grammar=grammar, logprobs=logprobs_field(body), **sampling_request(body)), \
-        tools is not None
+                             grammar=grammar, logprobs=logprobs_field(body), **sampling_request(body)), tools
 
 
 def logprobs_field(body: dict) -> int | None:
@@ -91,9 +93,9 @@ def logprobs_field(body: dict) -> int | None:
 class ChoiceStream:
     """One choice of a streamed chat completion: its new content (or tool calls) and logprobs as deltas."""
 
-    def __init__(self, index: int, job: Job, prefilled: bool, with_tools: bool, tokenizer):
+    def __init__(self, index: int, job: Job, prefilled: bool, tools: ToolUse | None, tokenizer):
         self.index, self.job, self.prefilled, self.tokenizer = index, job, prefilled, tokenizer
-        self.calls = StreamedCalls() if with_tools else None
+        self.calls = StreamedCalls(tools.format) if tools else None
         self.sent = ""  # content sent so far
         self.scored = 0  # tokens whose logprobs were sent
 
@@ -129,7 +131,7 @@ class ChoiceStream:
 @bp.post("/chat/completions")
 def chat_completions():
     body = json_body(request)
-    chat, with_tools = chat_request(body)
+    chat, tools = chat_request(body)
     n = choice_count(body)
     streaming = flag(body, "stream", False)
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
@@ -141,11 +143,11 @@ def chat_completions():
     if not streaming:
         finished = wait_all(engine, ROUTE, jobs, watch)
         return jsonify({**head, "object": "chat.completion",
-                        "choices": [whole_choice(i, job, f, prefilled, with_tools, tokenizer)
+                        "choices": [whole_choice(i, job, f, prefilled, tools, tokenizer)
                                     for i, (job, f) in enumerate(zip(jobs, finished))],
                         "usage": usage(finished, n)})
 
-    streams = [ChoiceStream(i, job, prefilled, with_tools, tokenizer) for i, job in enumerate(jobs)]
+    streams = [ChoiceStream(i, job, prefilled, tools, tokenizer) for i, job in enumerate(jobs)]
 
     def chunk(choice: dict) -> bytes:
         usage_field = {"usage": None} if include_usage else {}
@@ -153,7 +155,7 @@ def chat_completions():
 
     def events():
         for stream in streams:  # (content null until words come, as OpenAI's tool-call streams start)
-            yield chunk(stream.choice({"role": "assistant", "content": None if with_tools else ""}))
+            yield chunk(stream.choice({"role": "assistant", "content": None if tools else ""}))
         for i, event in follow_all(engine, jobs, watch, ROUTE):
             if isinstance(event, Finished) and event.finish_reason == "error":
                 yield sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
@@ -169,9 +171,10 @@ def chat_completions():
     return event_stream(events(), *jobs)
 
 
-def whole_choice(index: int, job: Job, finished: Finished, prefilled: bool, with_tools: bool, tokenizer) -> dict:
+def whole_choice(index: int, job: Job, finished: Finished, prefilled: bool, tools: ToolUse | None, tokenizer) -> dict:
     content = clean_continuation(finished.generated, prefilled)
-    message, called = reply_message(content) if with_tools else ({"role": "assistant", "content": content}, False)
+    message, called = reply_message(content, tools.format) if tools else ({"role": "assistant", "content": content},
+                                                                          False)
     logprobs = chat_logprobs(tokenizer, job.logprobs) if job.request.logprobs is not None else None
     return {"index": index, "message": message, "logprobs": logprobs,
             "finish_reason": "tool_calls" if called else finish_reason(finished)}

@@ -1,8 +1,8 @@
-"""OpenAI's tools on ChatGLM2: `tools`/`tool_choice`/`parallel_tool_calls` -> prompt words and a grammar, and
+"""OpenAI's tools: `tools`/`tool_choice`/`parallel_tool_calls` -> the model's tool prompt and a grammar, and
 the reply read back as `tool_calls` (whole, or streamed as OpenAI's deltas).
 
-The prompt side (how tools and calls are written for the model) is model/tool_prompt.py; this module is the
-OpenAI shape around it.
+The prompt side (how each model family writes tools, calls and results) is model/tool_prompt.py; this module is
+the OpenAI shape around it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from ..engine.grammar import tool_call_grammar
-from ..model.tool_prompt import read_calls, tool_instructions
+from ..engine.grammar import chatglm3_call_grammar, tool_call_grammar
+from ..model.family import CHATGLM3
+from ..model.tool_prompt import GenericTools, tool_format
 from .validation import ApiError, flag, shown
 
 
@@ -20,10 +21,12 @@ from .validation import ApiError, flag, shown
 class ToolUse:
     instructions: str  # what the prompt says about the tools
     grammar: str  # what the reply must follow
+    format: object  # the model's tool format (model/tool_prompt.py): how turns are written and calls read
 
 
-def tool_use(body: dict) -> ToolUse | None:
-    """The request's tools, or None when it has none or tool_choice is "none" (then it is a plain chat)."""
+def tool_use(body: dict, family: str = "chatglm2") -> ToolUse | None:
+    """The request's tools in `family`'s format, or None when it has none or tool_choice is "none" (then it is
+    a plain chat)."""
     tools = body.get("tools")
     if tools is None:
         if body.get("tool_choice") not in (None, "none", "auto"):
@@ -50,8 +53,10 @@ def tool_use(body: dict) -> ToolUse | None:
     else:
         raise ApiError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or "
                             "{\"type\": \"function\", \"function\": {\"name\": …}}", param="tool_choice")
-    return ToolUse(instructions=tool_instructions(functions, must_call=required),
-                   grammar=tool_call_grammar(functions, required=required, parallel=parallel))
+    fmt = tool_format(family, tuple(f["name"] for f in functions))
+    grammar = chatglm3_call_grammar(functions, required) if family == CHATGLM3 else \
+        tool_call_grammar(functions, required=required, parallel=parallel)
+    return ToolUse(instructions=fmt.instructions(functions, must_call=required), grammar=grammar, format=fmt)
 
 
 def function_of(tool, i: int) -> dict:
@@ -72,31 +77,32 @@ def openai_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def reply_message(content: str) -> tuple[dict, bool]:
+def reply_message(content: str, fmt=GenericTools) -> tuple[dict, bool]:
     """The assistant message of a tools request and whether it called tools (then content is null)."""
-    calls, _ = read_calls(content)
+    calls = fmt.read_calls(content)
     if calls:
         return {"role": "assistant", "content": None, "tool_calls": openai_calls(calls)}, True
     return {"role": "assistant", "content": content}, False
 
 
 class StreamedCalls:
-    """Turns a growing tools reply into OpenAI's deltas: words as content, each call once its JSON is complete
-    (a first delta with its id and name, then its arguments)."""
+    """Turns a growing tools reply into OpenAI's deltas: words as content, each call once it is complete (a
+    first delta with its id and name, then its arguments)."""
 
-    def __init__(self):
+    def __init__(self, fmt=GenericTools):
+        self.fmt = fmt
         self.sent_calls = 0
         self.words = None  # True once the reply is words, False once it is calls
 
     def deltas(self, text: str) -> list[dict]:
-        stripped = text.lstrip()
-        if not stripped:
-            return []
         if self.words is None:
-            self.words = not stripped.startswith("{")
+            calls = self.fmt.decided(text)
+            if calls is None:
+                return []
+            self.words = not calls
         if self.words:
             return [{"content_upto": text}]
-        calls, _ = read_calls(text)
+        calls = self.fmt.read_calls(text)
         out = []
         for index, call in enumerate(openai_calls(calls[self.sent_calls:]), start=self.sent_calls):
             arguments = call["function"]["arguments"]
