@@ -80,8 +80,9 @@ class Settings:
               "the least busy). The model folder then needs only tokenizer.model (no weights, no torch)",
         repeat=True)
     backend_key: str | None = option(None, "API key sent to the --backend engines (as 'Authorization: Bearer')")
-    max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: the profile's "
-                                           "(with --backend: the smallest context the engines report, else 8192)")
+    max_context: int | None = option(None, "context budget in tokens (prompt + reply); default: 32768 for the 32k "
+                                           "models, else the profile's 8192; less when the free memory cannot hold "
+                                           "it (with --backend: the smallest context the engines report, else 8192)")
     max_queue: int = option(8, "jobs that may wait for the model; more are refused as busy")
     max_batch: int = option(
         0, "requests decoded together in one step (continuous batching); 0 = automatic: 4 on a CPU, 8 on a GPU, "

@@ -95,16 +95,20 @@ def test_model_names_choose_repository_and_folder():
     assert Settings.from_changes({}).repo == "THUDM/chatglm2-6b"
 
 
-def test_health_names_the_model_and_its_format(serve, engine_for, chatglm3_checkpoint):
+def test_health_names_the_model_and_its_format(serve, engine_for, tmp_path):
+    """The name is the one the folder's config.json gives (as the published configs do), whatever --repo says."""
     import requests
 
     from server.model.loader import load_model
 
-    server = serve(engine_for(load_model(chatglm3_checkpoint, cpu_plan())), repo="THUDM/chatglm3-6b")
+    folder = chatglm3_files(write_checkpoint(tmp_path / "any-folder"), "config")
+    server = serve(engine_for(load_model(folder, cpu_plan())), model_dir=folder)
     health = requests.get(server.url + "/health", timeout=10).json()
     assert health["name"] == "chatglm3-6b" and health["prompt_format"] == CHATGLM3
     models = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["chatglm3-6b"]
+    tags = requests.get(server.url + "/api/tags", timeout=10).json()["models"]
+    assert [m["name"] for m in tags] == ["chatglm3-6b:latest"]
 
 
 def test_a_folder_with_the_tokenizer_alone_speaks_the_chosen_models_format(tmp_path, chatglm3_checkpoint):

@@ -587,6 +587,7 @@ def test_empty_state_shows_the_model_and_examples(ui):
     u = ui()
     u.page.wait_for_function("document.querySelector('#empty .facts').textContent.includes('cpu')")
     assert f"{CONTEXT} tokens" in u.page.inner_text("#empty .facts")
+    assert "chatglm2-6b" in u.page.inner_text("#empty .facts")  # the name /health gives (the folder's config)
     u.page.click("#empty .example >> nth=0")
     assert u.page.input_value("#input") == "用三句话介绍一下你自己"
 

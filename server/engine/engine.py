@@ -14,14 +14,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import EngineBusy, NotReady  # noqa: F401 (defined in errors.py, importable here too)
 from .budget import FittedPrompt, GenerationRequest, fit_prompt
 from .contract import EngineState, load_in_background
 from .jobs import Job
-from .sizing import DEFAULT_PREFILL_CHUNK, batch_size, default_prompt_cache_mb
+from .sizing import DEFAULT_PREFILL_CHUNK, PROMPT_PIECE, batch_size, context_that_fits, default_prompt_cache_mb
 
 if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
     from ..model.loader import LoadedModel
@@ -91,6 +91,9 @@ class Engine(EngineState):
         if self.prompt_cache_mb is None:
             self.prompt_cache_mb = default_prompt_cache_mb()
         self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2, disk=self._disk_cache(loaded))
+        context = context_that_fits(loaded, self.prefix_cache.max_bytes)
+        if context < loaded.plan.max_context:
+            loaded.plan = replace(loaded.plan, max_context=context)
         self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
@@ -295,8 +298,8 @@ class Engine(EngineState):
 
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the oldest waiting prompt: `prefill_chunk` tokens while other replies decode (so
-        a long prompt does not stall them), all of it when none do. After its last chunk the job samples its
-        first token and joins the batch, unless that token already ends it."""
+        a long prompt does not stall them), PROMPT_PIECE when none do (so its activations stay bounded). After
+        its last chunk the job samples its first token and joins the batch, unless that token already ends it."""
         from ..model.forward import prefill
         from .batch import cache_from
 
@@ -310,7 +313,7 @@ class Engine(EngineState):
             else:
                 self._prefilling.popleft()
             return
-        size = self.prefill_chunk if self._batch.rows else len(waiting.todo)
+        size = self.prefill_chunk if self._batch.rows else PROMPT_PIECE
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
         try:
             logits = prefill(self.loaded.model, chunk, waiting.cache, every_position=seq.prompt_score is not None)

@@ -21,6 +21,10 @@ RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
 # paused the other streams no longer than in 512-token chunks and reached its first token 2-3x sooner: chunks
 # there start at 2,048 tokens.
 DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
+# The most prompt tokens one forward pass runs, also with nothing else decoding: a whole 32k prompt in one pass
+# needs ~4 GB of activations beside the model (the MLP's intermediates grow with its length); in pieces of
+# 2,048 its activations stay ~0.66 GB at any length, at the same speed (docs/performance.md, Long prompts).
+PROMPT_PIECE = 2048
 
 
 def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> int:
@@ -41,6 +45,26 @@ def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> 
         log.info("the free memory holds %d requests at the full context of %d tokens (not %d)", fits,
                  plan.max_context, wanted)
     return int(min(wanted, fits))
+
+
+def context_that_fits(loaded: LoadedModel, prefix_cache_bytes: int = 0) -> int:
+    """The context one request can have in the memory left after loading: the plan's, or less when its keys and
+    values at full length (~0.9 GB at 32k tokens in 16 bits) would not fit beside the reserve. A prompt longer
+    than what fits is then refused (400) instead of running the machine out of memory."""
+    wanted = loaded.plan.max_context
+    free = free_memory(loaded.device.type)
+    if free is None:
+        return wanted
+    if loaded.device.type == "cpu":
+        free -= prefix_cache_bytes
+    room = (free - RESERVE_BYTES.get(loaded.device.type, GIB)) // kv_bytes_per_token(loaded)
+    if room >= wanted:
+        return wanted
+    fits = max(1024, int(room) // 1024 * 1024)
+    log.warning("the free memory holds the keys and values of %d tokens, not the context of %d: prompts are "
+                "limited to %d tokens (free memory, or a smaller --max-context, changes this)", room, wanted,
+                min(fits, wanted))
+    return min(fits, wanted)
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:

@@ -43,9 +43,23 @@ def missing_files(model_dir: Path) -> list[str]:
 
 def source_bits(model_dir: Path) -> int | None:
     """The bits of a checkpoint that stores quantized weights (4 for chatglm2-6b-int4), None for a float one."""
+    bits = read_config(model_dir).get("quantization_bit")
+    return bits if isinstance(bits, int) and bits > 0 else None
+
+
+def trained_context(model_dir: Path) -> int | None:
+    """The context a long-context model was tuned for: `seq_length` where `rope_ratio` stretches the positions
+    (chatglm2-6b-32k, chatglm3-6b-32k: 32,768); None for the others, whose chat context is 8,192 (ChatGLM2-6B's
+    config says 32,768 positions, but it was tuned on 8k conversations)."""
+    config = read_config(model_dir)
+    ratio, length = config.get("rope_ratio", 1), config.get("seq_length")
+    long = isinstance(ratio, (int, float)) and ratio > 1 and isinstance(length, int) and length > 0
+    return length if long else None
+
+
+def read_config(model_dir: Path) -> dict:
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    bits = config.get("quantization_bit") if isinstance(config, dict) else None
-    return bits if isinstance(bits, int) and bits > 0 else None
+        return {}
+    return config if isinstance(config, dict) else {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import Settings
-from .checkpoint import source_bits
+from .checkpoint import source_bits, trained_context
 
 if TYPE_CHECKING:  # measured with torch, which this module does not import at the top
     from .cpu_kernels import KernelChoice
@@ -126,7 +126,7 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
         reason += f"; --quantize {settings.quantize} overrides it to {bits}-bit"
 
     dtype = _dtype(settings.dtype, device, hardware)
-    max_context = settings.max_context or PROFILES[profile].max_context
+    max_context = settings.max_context or trained_context(settings.model_dir) or PROFILES[profile].max_context
     asked = settings.cpu_kernels if device == "cpu" and bits < 16 else "auto"
     backend = {"auto": "", "onednn": "torch"}.get(asked, asked)
     int8_kernel = asked if asked in ("torch", "onednn") else "auto"

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..config import Settings
 from ..engine.contract import GenerationEngine
+from ..model.checkpoint import read_config
 from ..model.family import family_of
 from . import origin
 from .validation import ApiError, shown
@@ -83,8 +84,11 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
 
 
 def model_name(settings: Settings) -> str:
-    """The model's name (`chatglm2-6b`): the last part of its hub repository."""
-    return settings.repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
+    """The model's name (`chatglm2-6b`): the last part of the repository its folder's config.json names (the
+    published configs do: `THUDM/chatglm3-6b`), else of --repo (a front end's folder has no config)."""
+    named = read_config(settings.model_dir).get("_name_or_path")
+    repo = named if isinstance(named, str) and named.strip("/") else settings.repo
+    return repo.rstrip("/").rsplit("/", 1)[-1] or "chatglm2-6b"
 
 
 def prompt_family() -> str:

@@ -728,7 +728,7 @@ function addCopyButtons(body) {
   });
 }
 function emptyState() {
-  const model = (server.model || "").split(/[\\/]/).pop() || "ChatGLM2-6B";
+  const model = server.name || (server.model || "").split(/[\\/]/).pop() || "ChatGLM2-6B";
   const facts = server.status === "ready"
     ? t("emptyModel", {m: model, d: server.device || "?", p: server.precision || "?", c: server.max_context || "?"}) : "";
   return el("div", {id: "empty"},
