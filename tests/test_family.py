@@ -123,3 +123,19 @@ def test_a_folder_with_the_tokenizer_alone_speaks_the_chosen_models_format(tmp_p
     assert load_tokenizer_for(front).family == CHATGLM3
     assert load_tokenizer_for(front.replace(model="chatglm2-6b")).family == CHATGLM2
     assert load_tokenizer(chatglm3_checkpoint, fallback_family=CHATGLM2).family == CHATGLM3
+
+
+def test_a_downloaded_chatglm3_knows_its_format_from_its_generation_config(tmp_path, monkeypatch):
+    """generation_config.json is fetched with the other small files: it alone marks this folder as ChatGLM3."""
+    from server.setup import bootstrap
+    from tests.fake_hub import FakeHub
+
+    source = chatglm3_files(write_checkpoint(tmp_path / "source"), "generation_config")
+    hub = FakeHub(source, repo="THUDM/chatglm3-6b")
+    try:
+        folder = tmp_path / "THUDM" / "chatglm3-6b"
+        bootstrap.ensure_model(Settings(repo="THUDM/chatglm3-6b", model_dir=folder, mirror=hub.url))
+    finally:
+        hub.close()
+    assert (folder / "generation_config.json").is_file()
+    assert load_tokenizer(folder).family == CHATGLM3

@@ -107,3 +107,39 @@ def test_launcher_in_a_chinese_path_downloads_loads_and_answers_like_linux(bundl
     assert (model_dir / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
     assert (model_dir / "converted" / "model.safetensors.index.json").is_file()  # written by safetensors there
     assert (model_dir / "converted-cpu-int8" / "config.json").is_file()
+
+
+def test_a_chatglm3_model_by_name_from_a_chinese_path(bundle, tmp_path, serve):
+    """`--model chatglm3-6b` downloads into THUDM\\chatglm3-6b under the Chinese path and speaks ChatGLM3 there:
+    a system message as its own role, the reply the same as Linux gives."""
+    from tests.checkpoint_factory import write_checkpoint
+    from tests.test_family import chatglm3_files
+
+    root, env = bundle
+    checkpoint = chatglm3_files(chatglm3_files(write_checkpoint(tmp_path / "glm3"), "config"), "generation_config")
+    hub = FakeHub(checkpoint, repo="THUDM/chatglm3-6b")
+    chat = {"model": "chatglm3-6b", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"}]}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = run_bat(root, env, "start_low_vram.bat", "--port", str(port), "--mirror", hub.url, "--model",
+                   "chatglm3-6b", "--max-context", "256", "--no-chatlog", "--quantize", "16", "--dtype", "float32")
+    try:
+        health = wait_for_health(url, proc, lambda h: h["status"] in ("ready", "error"), timeout=900)
+        assert health["status"] == "ready", health
+        assert health["name"] == "chatglm3-6b" and health["prompt_format"] == "chatglm3"
+        assert "测试" in health["model"] and health["model"].endswith("chatglm3-6b")
+        windows = requests.post(url + "/v1/chat/completions", json=chat, timeout=300).json()
+    finally:
+        console = stop(proc, env)
+        hub.close()
+    assert "Traceback" not in console, console
+    engine = Engine()
+    engine.attach(load_model(checkpoint, Plan(device="cpu", bits=16, dtype="float32", max_context=256,
+                                              profile="test", reason="test")))
+    try:
+        linux = requests.post(serve(engine).url + "/v1/chat/completions", json=chat, timeout=120).json()
+    finally:
+        engine.close()
+    assert windows["choices"][0]["message"] == linux["choices"][0]["message"]
+    assert windows["usage"] == linux["usage"]

@@ -34,7 +34,8 @@ from . import modelscope
 
 log = logging.getLogger(__name__)
 
-METADATA_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json")
+# (generation_config.json: ChatGLM3's says it stops on <|user|>, how model/family.py knows it best)
+METADATA_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 WEIGHT_LAYOUTS = (  # preferred first: (index file, shard prefix, shard suffix, single file)
     ("model.safetensors.index.json", "model-", ".safetensors", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model-", ".bin", "pytorch_model.bin"),
@@ -163,15 +164,16 @@ def remote_files(settings: Settings, retries: int = RETRIES) -> tuple[list[Remot
 
 def wanted_files(settings: Settings, available: dict[str, RemoteFile]) -> list[RemoteFile]:
     """What the loader uses: the metadata files and one weight layout (no code, no other formats)."""
-    names = [n for n in METADATA_FILES if n in available]
+    names, weights = [n for n in METADATA_FILES if n in available], []
     for index, prefix, suffix, single in WEIGHT_LAYOUTS:
         if index in available:
-            names += [index] + sorted(n for n in available if n.startswith(prefix) and n.endswith(suffix))
+            weights = [index] + sorted(n for n in available if n.startswith(prefix) and n.endswith(suffix))
             break
         if single in available:
-            names.append(single)
+            weights = [single]
             break
-    if "config.json" not in names or "tokenizer.model" not in names or len(names) <= len(METADATA_FILES):
+    names += weights
+    if "config.json" not in names or "tokenizer.model" not in names or not weights:
         raise DownloadError(f"仓库内容不完整 / {settings.repo}@{settings.revision} does not look like a ChatGLM "
                             f"checkpoint (it lacks config.json, tokenizer.model or weights). Check --repo.")
     return [available[n] for n in names]
