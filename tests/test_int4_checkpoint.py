@@ -124,3 +124,32 @@ def test_auto_profile_runs_a_4bit_checkpoint_at_4_bits_on_the_cpu_and_as_usual_o
     for free_gib, bits in ((20, 16), (11, 8), (6, 4)):  # float16 is the reference's own CUDA unpacking
         plan = plan_for(settings, Hardware(cuda=True, free_bytes=free_gib << 30, bf16=True, name="GPU"))
         assert plan.bits == bits
+
+
+def test_the_int4_model_by_name_downloads_checks_the_disk_and_answers(int4_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from server.model import disk
+    from server.setup import bootstrap
+    from server.setup.bootstrap import DownloadError
+    from server.startup import load_for
+    from tests.fake_hub import FakeHub
+
+    hub = FakeHub(int4_checkpoint, repo="THUDM/chatglm2-6b-int4")
+    try:
+        settings = Settings.from_changes({"model": "chatglm2-6b-int4", "mirror": hub.url, "quantize": 16,
+                                          "dtype": "float32", "max_context": 256}).replace(
+            model_dir=tmp_path / "THUDM" / "chatglm2-6b-int4")
+        weights = len(hub.files["pytorch_model.bin"])
+        # room for the download, not for the float16 copy it converts into (3.2x the packed download)
+        room = int(weights * 2.5)
+        monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, room))
+        with pytest.raises(DownloadError, match="Not enough disk space"):
+            bootstrap.ensure_model(settings)
+        monkeypatch.undo()
+        loaded = load_for(settings)
+    finally:
+        hub.close()
+    assert loaded.plan.precision == "float32" and loaded.tokenizer.family == "chatglm2"
+    assert (settings.model_dir / "pytorch_model.bin").read_bytes() == hub.files["pytorch_model.bin"]
+    assert (settings.model_dir / "converted-float32" / "config.json").is_file()
