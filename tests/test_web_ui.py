@@ -732,3 +732,24 @@ def test_the_page_is_styled_and_runs_where_mimetypes_says_text_plain(ui, monkeyp
     assert styled
     u.send("你好")
     assert u.bot_texts() and u.bot_texts()[-1]
+
+
+def test_the_page_is_es_modules_and_the_service_worker_keeps_each():
+    """app.js is the entry module; every module it reaches is in the service worker's shell list, so the
+    installed page opens while the server is down."""
+    import re
+
+    from server.web.page import STATIC
+
+    assert '<script type="module" src="/ui/app.js">' in (STATIC / "index.html").read_text(encoding="utf-8")
+    reached, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        source = (STATIC / name).read_text(encoding="utf-8")
+        todo += [m for m in re.findall(r'^import \{[^}]*\} from "\./([\w-]+\.js)";$', source, re.M)
+                 if m not in reached]
+    modules = {p.name for p in STATIC.glob("*.js")} - {"sw.js"}
+    assert reached == modules  # no module left unused
+    shell = re.search(r"const FILES = \[(.*?)\];", (STATIC / "sw.js").read_text(encoding="utf-8"), re.S).group(1)
+    assert {f"/ui/{name}" for name in modules} <= set(re.findall(r'"([^"]+)"', shell))

@@ -2,9 +2,11 @@
 // running shows the page itself, which then says how to start the server, instead of the browser's error page.
 // The API is never cached.
 "use strict";
-const SHELL = "chatglm2-shell-v1";
-const FILES = ["/ui/", "/ui/app.js", "/ui/app.css", "/ui/pygments.css", "/ui/manifest.webmanifest",
-               "/ui/icon-192.png"];
+const SHELL = "chatglm2-shell-v2";
+// every file of the page, its modules too (tests/test_web_ui.py checks that none is missing)
+const FILES = ["/ui/", "/ui/app.js", "/ui/strings.js", "/ui/store.js", "/ui/api.js", "/ui/generation.js",
+               "/ui/actions.js", "/ui/render.js", "/ui/meter.js", "/ui/notices.js", "/ui/app.css", "/ui/pygments.css",
+               "/ui/manifest.webmanifest", "/ui/icon-192.png"];
 
 self.addEventListener("install", (event) => {
   event.waitUntil(caches.open(SHELL).then((cache) => cache.addAll(FILES)).then(() => self.skipWaiting()));
@@ -24,5 +26,5 @@ self.addEventListener("fetch", (event) => {
       caches.open(SHELL).then((cache) => cache.put(event.request, copy));
       return response;
     })
-    .catch(() => caches.match(event.request)));
+    .catch(() => caches.match(event.request, {ignoreVary: true})));  // (module scripts ask with an Origin header)
 });
