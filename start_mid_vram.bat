@@ -8,9 +8,14 @@ cd /d "%~dp0"
 set "PYTHONNOUSERSITE=1"
 set "PYTHONUTF8=1"
 set "KMP_AFFINITY=disabled"
-set "PATH=%CD%\system;%CD%\system\Scripts;%PATH%"
-if not exist "system\python.exe" goto no_python
-"system\python.exe" -s -m server --profile mid %*
+rem The embedded Python: system\python\ (or system\ in earlier bundles); fix_pth.py points its ._pth at
+rem the bundle, also for a Python unzipped there by hand.
+set "PY=system\python\python.exe"
+if not exist "%PY%" set "PY=system\python.exe"
+if not exist "%PY%" goto no_python
+set "PATH=%CD%\system\python;%CD%\system\python\Scripts;%CD%\system;%CD%\system\Scripts;%PATH%"
+"%PY%" -s system\fix_pth.py
+"%PY%" -s -m server --profile mid %*
 set "RC=%ERRORLEVEL%"
 if "%RC%"=="0" exit /b 0
 echo.
@@ -19,6 +24,6 @@ if not defined CHATGLM2_NO_PAUSE pause
 exit /b %RC%
 
 :no_python
-echo [my-chatglm2] system\python.exe is missing: unzip the whole bundle again.
+echo [my-chatglm2] system\python\python.exe is missing: unzip the whole bundle again.
 if not defined CHATGLM2_NO_PAUSE pause
 exit /b 9009

@@ -41,7 +41,10 @@ def test_launcher_is_plain_crlf_ascii_and_safe(name):
     assert not re.search(r"^\s*(timeout|where|choice)\b", text, re.M | re.I)
     assert '"%~dp0' not in text.replace('cd /d "%~dp0"', "")  # "%~dp0" as an argument escapes its own quote
     assert "if not defined CHATGLM2_NO_PAUSE pause" in text
-    assert '"system\\python.exe" -s -m server' in text and "%*" in text
+    assert 'set "PY=system\\python\\python.exe"' in lines and 'if not exist "%PY%" set "PY=system\\python.exe"' in lines
+    assert '"%PY%" -s system\\fix_pth.py' in lines  # before the server: the ._pth names the bundle
+    assert '"%PY%" -s -m server' in text or '"%PY%" -s -m server.setup.install_deps' in text
+    assert "%*" in text
 
 
 @pytest.mark.parametrize("name, flags", LAUNCHERS.items())
@@ -82,7 +85,7 @@ def test_a_newer_embedded_python_can_be_chosen(tmp_path):
         pytest.skip(f"PyPI is not reachable for the bundle's downloads: {exc}")
     assert archive.name == f"my-chatglm2-{build_pack.version()}-win64-cpu.zip"
     with zipfile.ZipFile(archive) as bundle:
-        top = "my-chatglm2/system/"
+        top = "my-chatglm2/system/python/"
         pth = bundle.read(top + "python312._pth").decode()
         assert pth.split("\r\n")[:-1] == build_pack.pth_lines("3.12")
         assert top + "python312.zip" in bundle.namelist()
@@ -90,7 +93,27 @@ def test_a_newer_embedded_python_can_be_chosen(tmp_path):
 
 
 def test_pth_keeps_the_interpreter_isolated():
-    assert build_pack.pth_lines("3.10") == ["python310.zip", ".", "..", "Lib\\site-packages", "import site"]
+    assert build_pack.pth_lines("3.10") == ["python310.zip", ".", "..\\..", "Lib\\site-packages", "import site"]
+
+
+def test_fix_pth_writes_the_builders_lines_into_a_hand_placed_python(tmp_path):
+    """A Python unzipped by hand into system\\python (python.org's ._pth) or kept in system\\ by an earlier
+    bundle gets the bundle's lines; one already right is left alone."""
+    sys.path.insert(0, str(ROOT / "system"))
+    try:
+        import fix_pth
+    finally:
+        sys.path.pop(0)
+    python_org = "python310.zip\r\n.\r\n\r\n# Uncomment to run site.main() automatically\r\n#import site\r\n"
+    nested, flat = tmp_path / "bundle" / "system" / "python", tmp_path / "old" / "system"
+    for folder in (nested, flat):
+        folder.mkdir(parents=True)
+        (folder / "python310._pth").write_text(python_org, newline="")
+    assert fix_pth.fix(nested, tmp_path / "bundle") == ["python310._pth"]
+    assert (nested / "python310._pth").read_bytes().decode().split("\r\n")[:-1] == build_pack.pth_lines("3.10")
+    assert fix_pth.fix(nested, tmp_path / "bundle") == []  # right already: not written again
+    fix_pth.fix(flat, tmp_path / "old")
+    assert (flat / "python310._pth").read_text().splitlines()[2] == ".."
 
 
 def test_lock_is_for_windows_python_310_with_hashes():
@@ -197,7 +220,8 @@ def test_cuda_torch_is_chosen_for_a_gpu_when_the_index_answers(asked, gpus, answ
 def build_from_another_checkout(tmp_path: Path, out: Path) -> Path:
     """Build from a copy of the project in another folder, with another interpreter path (a second venv)."""
     checkout = tmp_path / "another checkout"
-    for name in build_pack.TOP_FILES + ("packaging", "server", "tools", "THUDM/README.md", "system/README.md"):
+    for name in build_pack.TOP_FILES + ("packaging", "server", "tools", "THUDM/README.md", "system/README.md",
+                                        "system/fix_pth.py"):
         source, target = ROOT / name, checkout / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
@@ -240,17 +264,18 @@ def test_bundle_layout(small_bundle):
         assert any(re.fullmatch(top + r"wheels/pip-[\d.]+-py3-none-any\.whl", n) for n in names)
         assert any(re.fullmatch(top + r"wheels/waitress-[\d.]+-py3-none-any\.whl", n) for n in names)
         for name in BATS + ["settings.ini", "使用说明.txt", "requirements.txt", "README.md", "THUDM/README.md",
-                            "system/README.md", "system/lock/others.txt", "system/lock/torch.txt",
-                            "server/__main__.py", "server/web/webui/app.js", "system/python.exe",
-                            "system/python310.zip", "system/Lib/site-packages/flask/__init__.py"]:
+                            "system/README.md", "system/fix_pth.py", "system/lock/others.txt",
+                            "system/lock/torch.txt", "server/__main__.py", "server/web/webui/app.js",
+                            "system/python/python.exe", "system/python/python310.zip",
+                            "system/python/Lib/site-packages/flask/__init__.py"]:
             assert top + name in names, name
         assert names == sorted(names) and all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in infos)
         launcher = next(i for i in infos if i.filename.endswith("开启API服务.bat"))
         assert launcher.flag_bits & 0x800  # UTF-8 name
-        pth = archive.read(top + "system/python310._pth").decode()
+        pth = archive.read(top + "system/python/python310._pth").decode()
         assert pth.split("\r\n")[:-1] == build_pack.pth_lines("3.10")
         assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-        site = top + "system/Lib/site-packages/"
+        site = top + "system/python/Lib/site-packages/"
         build_only = [n for n in names if n.startswith((site + "bin/", site + "share/", site + "Scripts/"))
                       or (n.startswith(site) and n.endswith(".whl"))]
         assert build_only == []
@@ -319,9 +344,26 @@ def test_settings_ini_sets_the_port_for_a_double_click_user(unpacked):
         ini.write_bytes(shipped)
 
 
+def test_a_python_unzipped_by_hand_into_system_python_starts(unpacked):
+    """The original instructions: unzip python.org's embeddable Python into system\\python. Its ._pth leaves out
+    the bundle; the launcher's fix_pth.py sets it up, and the server starts."""
+    root, env = unpacked
+    pth = root / "system" / "python" / "python310._pth"
+    shipped = pth.read_bytes()
+    pth.write_bytes(b"python310.zip\r\n.\r\n\r\n# Uncomment to run site.main() automatically\r\n#import site\r\n")
+    port = free_port()
+    proc = run_bat(root, env, "start_low_vram.bat", "--port", str(port), "--offline", "--no-chatlog")
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", proc, lambda h: h["status"] != "loading", 180)
+    finally:
+        console = stop(proc, env)
+        assert pth.read_bytes() == shipped, console
+        pth.write_bytes(shipped)
+
+
 def test_setup_offline_restores_a_deleted_package_without_network(unpacked):
     root, env = unpacked
-    site = root / "system" / "Lib" / "site-packages"
+    site = root / "system" / "python" / "Lib" / "site-packages"
     for path in [site / "waitress", *site.glob("waitress-*.dist-info")]:
         shutil.rmtree(path)
     proc = run_bat(root, env, "setup_offline.bat")

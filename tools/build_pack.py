@@ -50,7 +50,7 @@ def lock_file(python: str) -> Path:
 LAUNCHERS = ("开启API服务.bat", "start_low_vram.bat", "start_mid_vram.bat", "start_high_vram.bat", "setup_offline.bat")
 TOP_FILES = LAUNCHERS + ("settings.ini", "使用说明.txt", "requirements.txt", "README.md")
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-MAX_ENTRY = 140  # characters of the longest zip entry: leaves ~119 for the folder a user unzips into
+MAX_ENTRY = 150  # characters of the longest zip entry: leaves ~109 for the folder a user unzips into
 PART_BYTES = 2_000_000_000  # below the 2 GiB per-file limit of common release hosts
 # Not needed at run time (paths under site-packages; fnmatch patterns, "*" crosses folders)
 PRUNE = (
@@ -62,9 +62,10 @@ PRUNE = (
 
 
 def pth_lines(version: str) -> list[str]:
-    """python3XX._pth: the standard library zip, the bundle root (for `-m server`), site-packages, and site."""
+    """python3XX._pth in system/python/: the standard library zip, its folder, the bundle root two folders up (for
+    `-m server`), site-packages, and site (system/fix_pth.py writes the same into a hand-placed Python's)."""
     tag = version.replace(".", "")
-    return [f"python{tag}.zip", ".", "..", "Lib\\site-packages", "import site"]
+    return [f"python{tag}.zip", ".", "..\\..", "Lib\\site-packages", "import site"]
 
 
 def sha256(path: Path) -> str:
@@ -186,7 +187,8 @@ def copy_project(stage: Path, python: str, only: set[str] | None) -> None:
     shutil.copytree(ROOT / "server", stage / "server", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (stage / "THUDM").mkdir()
     shutil.copy2(ROOT / "THUDM" / "README.md", stage / "THUDM" / "README.md")
-    shutil.copy2(ROOT / "system" / "README.md", stage / "system" / "README.md")
+    for name in ("README.md", "fix_pth.py"):
+        shutil.copy2(ROOT / "system" / name, stage / "system" / name)
     # the lock, split so setup_offline.bat can take torch from the CUDA index and the rest from the lock
     lock = stage / "system" / "lock"
     lock.mkdir()
@@ -243,7 +245,7 @@ def build(out_dir: Path, python: str = "3.10", only: set[str] | None = None, tor
     name = "my-chatglm2"  # the folder inside: short, so unzipped paths stay short (the zip name has the version)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / name
-        python_dir = stage / "system"  # python.exe in system/: one folder less in every path
+        python_dir = stage / "system" / "python"  # where the original lazy pack had its embeddable Python
         install_python(python, cache, python_dir)
         install_packages(python_dir, python, only, torch_index, Path(tmp))
         copy_project(stage, python, only)
