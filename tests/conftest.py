@@ -201,3 +201,18 @@ def serve_api(request, serve, front_for):
 @pytest.fixture
 def server_api(serve_api, engine):
     return serve_api(engine)
+
+
+@pytest.fixture
+def prefill_lengths(monkeypatch) -> list[int]:
+    """The length of every prompt piece the model's prefill runs from now on (a spy: the real prefill runs)."""
+    import server.model.forward as forward
+
+    lengths, real = [], forward.prefill
+
+    def counting(model, ids, cache, every_position=False):
+        lengths.append(len(ids))
+        return real(model, ids, cache, every_position)
+
+    monkeypatch.setattr(forward, "prefill", counting)
+    return lengths

@@ -99,18 +99,9 @@ def test_n_choices_stream_with_their_indices(client):
     assert [text[0], text[1]] == [c.message.content for c in whole.choices]
 
 
-def test_n_choices_run_their_prompt_once(engine, tiny_model, monkeypatch):
+def test_n_choices_run_their_prompt_once(engine, tiny_model, prefill_lengths):
     """Choices of one request are admitted together and share one prefill: the prompt runs once."""
-    import server.model.forward as forward
-
-    lengths = []
-    original = forward.prefill
-
-    def counting(model, ids, cache, every_position=False):
-        lengths.append(len(ids))
-        return original(model, ids, cache, every_position)
-
-    monkeypatch.setattr(forward, "prefill", counting)
+    lengths = prefill_lengths
     jobs = engine.submit_all([GenerationRequest(query="共享的问题 shared prompt", max_new_tokens=4, temperature=1.0,
                                                 seed=i) for i in range(3)])
     results = [job.wait(timeout=60) for job in jobs]

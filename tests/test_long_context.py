@@ -7,7 +7,6 @@ import pytest
 from server.config import Settings
 from server.engine import sizing
 from server.engine.budget import GenerationRequest
-from server.model import forward
 from server.model.loader import load_model
 from server.model.profiles import Hardware, plan_for
 from tests.checkpoint_factory import write_checkpoint
@@ -29,15 +28,8 @@ def test_the_32k_models_default_to_their_context(long_checkpoint, tiny_checkpoin
     assert plan_for(Settings(model_dir=tiny_checkpoint), cpu).max_context == 8192
 
 
-def test_a_long_prompt_runs_in_bounded_pieces(engine_for, long_checkpoint, monkeypatch):
-    pieces = []
-    real = forward.prefill
-
-    def counting(model, ids, cache, every_position=False):
-        pieces.append(len(ids))
-        return real(model, ids, cache, every_position)
-
-    monkeypatch.setattr(forward, "prefill", counting)
+def test_a_long_prompt_runs_in_bounded_pieces(engine_for, long_checkpoint, monkeypatch, prefill_lengths):
+    pieces = prefill_lengths
     monkeypatch.setattr(sizing, "PROMPT_PIECE", 256)  # (the engine reads it from its module below)
     from server.engine import engine as engine_module
 
