@@ -40,6 +40,11 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 class Batch:
     def __init__(self, model):
         model.set_attn_implementation(ATTENTION)
+        if model.device.type == "cuda":
+            # torch picks cuDNN's attention on Hopper GPUs, which builds a plan for every new key length, i.e.
+            # every decode step: ~2 ms of CPU per layer, 55 of a 57 ms step on an H200 (docs/performance.md).
+            # Flash and memory-efficient attention have no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model
         self.rows: list[Sequence] = []
         self.pads: list[int] = []  # zeros on the left of each row
