@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import requests
@@ -18,3 +19,16 @@ def wait_until_ready(url: str, seconds: float = 120) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+def last_stream_event(url: str, body: dict, started: threading.Semaphore) -> bytes | None:
+    """POST /stream with `body` and read it to its end; `started` is released once the job is named (its
+    `: job` comment). The last `data:` line, or None when none came."""
+    last = None
+    with requests.post(url + "/stream", json=body, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b": job"):
+                started.release()
+            if line.startswith(b"data: "):
+                last = line
+    return last

@@ -8,7 +8,7 @@ import requests
 
 from server.config import Settings, UserError
 from server.run import run_server
-from tests.live import wait_until_ready
+from tests.live import last_stream_event, wait_until_ready
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "BeArEr"])
@@ -87,15 +87,7 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
             ends, started = [], threading.Semaphore(0)
 
             def stream():
-                with requests.post(url + "/stream", json={"query": "hi", "max_length": 4000, "temperature": 0},
-                                   stream=True, timeout=60) as r:
-                    last = None
-                    for line in r.iter_lines():
-                        if line.startswith(b": job"):
-                            started.release()
-                        if line.startswith(b"data: "):
-                            last = line
-                    ends.append(last)
+                ends.append(last_stream_event(url, {"query": "hi", "max_length": 4000, "temperature": 0}, started))
 
             clients = [threading.Thread(target=stream) for _ in range(3)]  # 2 running, 1 queued
             for client in clients:
@@ -122,11 +114,10 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
 CONSOLE_CLOSE = r'''
 import json, sys, threading, time
 from pathlib import Path
-import requests
 sys.path.insert(0, sys.argv[1])
 from server import run
 from server.config import Settings
-from tests.live import wait_until_ready
+from tests.live import last_stream_event, wait_until_ready
 
 url = f"http://127.0.0.1:{sys.argv[3]}"
 events = []
@@ -139,14 +130,8 @@ def windows_closes_the_console():
     ends, started = [], threading.Semaphore(0)
 
     def stream():
-        with requests.post(url + "/stream", json={"query": "hi", "max_length": 4000}, stream=True, timeout=60) as r:
-            last = None
-            for line in r.iter_lines():
-                if line.startswith(b": job"):
-                    started.release()
-                if line.startswith(b"data: "):
-                    last = line
-            ends.append(json.loads(last[6:]).get("finish_reason"))
+        last = last_stream_event(url, {"query": "hi", "max_length": 4000}, started)
+        ends.append(json.loads(last[6:]).get("finish_reason"))
 
     clients = [threading.Thread(target=stream) for _ in range(3)]
     for client in clients:
