@@ -31,16 +31,12 @@ def batch_size(loaded: LoadedModel, asked: int, prefix_cache_bytes: int = 0) -> 
     """Rows decoded together: as asked (or the device's default), and no more than the memory left after
     loading holds with every row at the full context. The prefix cache lives in RAM: on a CPU it shares that
     memory with the batch (a full prefix cache must not leave the batch without room); on a GPU it does not."""
-    device = loaded.device.type
-    wanted = asked or DEFAULT_MAX_BATCH.get(device, 1)
-    free = free_memory(device)
-    if free is None:
+    wanted = asked or DEFAULT_MAX_BATCH.get(loaded.device.type, 1)
+    room = room_for_caches(loaded, prefix_cache_bytes)
+    if room is None:
         return wanted
-    if device == "cpu":
-        free -= prefix_cache_bytes
     plan = loaded.plan
-    per_row = kv_bytes_per_token(loaded) * plan.max_context
-    fits = max(1, (free - RESERVE_BYTES.get(device, GIB)) // per_row)
+    fits = max(1, room // (kv_bytes_per_token(loaded) * plan.max_context))
     if fits < wanted:
         log.info("the free memory holds %d requests at the full context of %d tokens (not %d)", fits,
                  plan.max_context, wanted)
@@ -52,12 +48,10 @@ def context_that_fits(loaded: LoadedModel, prefix_cache_bytes: int = 0) -> int:
     values at full length (~0.9 GB at 32k tokens in 16 bits) would not fit beside the reserve. A prompt longer
     than what fits is then refused (400) instead of running the machine out of memory."""
     wanted = loaded.plan.max_context
-    free = free_memory(loaded.device.type)
+    free = room_for_caches(loaded, prefix_cache_bytes)
     if free is None:
         return wanted
-    if loaded.device.type == "cpu":
-        free -= prefix_cache_bytes
-    room = (free - RESERVE_BYTES.get(loaded.device.type, GIB)) // kv_bytes_per_token(loaded)
+    room = free // kv_bytes_per_token(loaded)
     if room >= wanted:
         return wanted
     fits = max(1024, int(room) // 1024 * 1024)
@@ -65,6 +59,16 @@ def context_that_fits(loaded: LoadedModel, prefix_cache_bytes: int = 0) -> int:
                 "limited to %d tokens (free memory, or a smaller --max-context, changes this)", room, wanted,
                 min(fits, wanted))
     return min(fits, wanted)
+
+
+def room_for_caches(loaded: LoadedModel, prefix_cache_bytes: int) -> int | None:
+    """Bytes the requests' keys and values may take: the free memory after loading, less the reserve and, on a
+    CPU, the prefix cache's budget (it lives in the same RAM); None when the free memory is unknown."""
+    device = loaded.device.type
+    free = free_memory(device)
+    if free is None:
+        return None
+    return free - (prefix_cache_bytes if device == "cpu" else 0) - RESERVE_BYTES.get(device, GIB)
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:

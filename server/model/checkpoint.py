@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 from ..errors import BrokenIndex  # noqa: F401 (defined in errors.py, importable here too)
+from .family import read_json
 
 INDEX_NAMES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_NAMES = ("pytorch_model.bin", "model.safetensors")
 CACHE_NAME = "converted"  # where convert.py keeps the native-layout copy
+PACKED_INT4_SIZE = 0.31  # chatglm2-6b-int4's download against the float16 checkpoint (3.9 GB of 12.5)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -58,8 +60,5 @@ def trained_context(model_dir: Path) -> int | None:
 
 
 def read_config(model_dir: Path) -> dict:
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
+    """The folder's config.json ({} when missing or unreadable)."""
+    return read_json(Path(model_dir) / "config.json")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..errors import ConversionError  # noqa: F401 (defined in errors.py, importable here too)
 from . import packed_int4
-from .checkpoint import CACHE_NAME, missing_files, weight_files
+from .checkpoint import CACHE_NAME, PACKED_INT4_SIZE, missing_files, weight_files
 from .disk import free_bytes, has_room
 from .packed_int4 import Int4Rows
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 CONVERTER_VERSION = 1  # bump when the output format changes: existing caches are then rebuilt
 # the cache formats, with the size of each against the float16 source (about: for the disk check)
 OUTPUT_SIZE = {"float16": 1.0, "float32": 2.0, "cpu-int8": 0.5, "cpu-int4": 0.32, "cpu-nf4": 0.32}
-PACKED_INT4_SIZE = 0.31  # chatglm2-6b-int4's download against the float16 one (3.9 GB of 12.5)
 LINEAR_WEIGHT = re.compile(r"(_proj|lm_head)\.weight$")
 Progress = Callable[[float], None]
 

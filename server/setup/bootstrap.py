@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import Settings
 from ..errors import DownloadError, TransientError  # noqa: F401 (defined in errors.py, importable here too)
-from ..model.checkpoint import CACHE_NAME, missing_files
+from ..model.checkpoint import CACHE_NAME, PACKED_INT4_SIZE, missing_files
 from ..model.disk import free_bytes, has_room
 from . import modelscope
 
@@ -47,7 +47,6 @@ RETRIES = 5
 BACKOFF_SECONDS = 2.0  # doubled after each failed try
 MANUAL = ("请手动下载 / Download by hand: https://huggingface.co/{repo}/tree/main "
           "(中国大陆可用镜像 / mainland China mirror: https://hf-mirror.com/{repo}/tree/main, or ModelScope) → {folder}")
-PACKED_INT4_EXPANSION = 3.2  # chatglm2-6b-int4 (3.9 GB) converts into a float16 cache of 12.5 GB
 
 Report = Callable[..., None]  # report(state, **detail), e.g. Engine.set_state
 
@@ -95,7 +94,8 @@ def ensure_model(settings: Settings, report: Report | None = None, only: tuple[s
                             "size" if not present(folder / f.name, f) else "checksum")
                 todo.append(f)
     converted = bool(only) or (folder / CACHE_NAME).exists()  # no conversion follows a partial download
-    conversion = sum(f.size for f in files) * (PACKED_INT4_EXPANSION if "int4" in settings.repo.lower() else 1)
+    # (the folder has no config.json yet to say a repository is packed: chatglm2-6b-int4 converts to float16)
+    conversion = sum(f.size for f in files) / (PACKED_INT4_SIZE if "int4" in settings.repo.lower() else 1)
     check_download_space(folder, sum(f.size for f in todo), 0 if converted else int(conversion))
     fetch_all(settings, commit, todo, report)
 

@@ -18,13 +18,11 @@ from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..engine.grammar import json_schema_grammar
 from ..model.tokenizer import clean_reply
-from ..model.tool_prompt import tool_format
 from .app import current_engine, current_settings, prompt_family
-from .messages import to_chat
 from .openai_fields import TEMPERATURE, TOP_P, model_id
 from .relay import appended, client_watcher, event_stream, follow, submit, tokenizer_of, wait_for
 from .structured import checked, schema_grammar
-from .tool_calls import StreamedCalls, ToolUse, tool_use
+from .tool_calls import StreamedCalls, ToolUse, chat_with_tools
 from .validation import ApiError, flag, json_body, number, penalty_fields, refuse_unknown, sampling_fields, shown, text
 
 bp = Blueprint("ollama", __name__, url_prefix="/api")
@@ -147,10 +145,8 @@ def chat():
     refuse_unknown(body, CHAT_FIELDS)
     messages = body.get("messages")
     refuse_unsupported(body, messages if isinstance(messages, list) else None)
-    family = prompt_family()
-    tools = tool_use({"tools": body["tools"]}, family) if body.get("tools") else None
-    system, query, history, prefix = to_chat(messages, tools.instructions if tools else "",
-                                             tools.format if tools else tool_format(family))
+    tool_fields = {"tools": body["tools"]} if body.get("tools") else {}  # (Ollama has no tool_choice)
+    tools, (system, query, history, prefix) = chat_with_tools(messages, tool_fields, prompt_family())
     grammar = format_grammar(body, prefix)
     if tools is not None:
         if grammar is not None:

@@ -13,9 +13,7 @@ from flask import Blueprint, jsonify, request
 from ..engine import Finished, Job, Update
 from ..engine.budget import GenerationRequest
 from ..model.tokenizer import clean_continuation
-from ..model.tool_prompt import tool_format
 from .app import current_engine, current_settings, prompt_family
-from .messages import to_chat
 from .openai_fields import (
     IGNORED,
     MAX_TOP_LOGPROBS,
@@ -30,7 +28,7 @@ from .openai_fields import (
 )
 from .relay import appended, client_watcher, event_stream, follow_all, sse, tokenizer_of, wait_all
 from .structured import checked, needs_local_engine, response_format_grammar
-from .tool_calls import StreamedCalls, ToolUse, reply_message, tool_use
+from .tool_calls import StreamedCalls, ToolUse, chat_with_tools, reply_message
 from .validation import ApiError, flag, json_body, number, refuse_unknown
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -60,10 +58,7 @@ def model(name: str):
 def chat_request(body: dict) -> tuple[GenerationRequest, ToolUse | None]:
     """The request, and the tools it offers (then the reply may be tool calls)."""
     refuse_unknown(body, CHAT_FIELDS, IGNORED)
-    family = prompt_family()
-    tools = tool_use(body, family)
-    system, query, history, prefix = to_chat(body.get("messages"), tools.instructions if tools else "",
-                                             tools.format if tools else tool_format(family))
+    tools, (system, query, history, prefix) = chat_with_tools(body.get("messages"), body, prompt_family())
     grammar = response_format_grammar(body.get("response_format"))
     if tools is not None:
         if grammar is not None:

@@ -12,8 +12,9 @@ import uuid
 from dataclasses import dataclass
 
 from ..engine.grammar import chatglm3_call_grammar, tool_call_grammar
-from ..model.family import CHATGLM3
+from ..model.family import CHATGLM2, CHATGLM3
 from ..model.tool_prompt import GenericTools, tool_format
+from .messages import to_chat
 from .validation import ApiError, flag, shown
 
 
@@ -24,7 +25,14 @@ class ToolUse:
     format: object  # the model's tool format (model/tool_prompt.py): how turns are written and calls read
 
 
-def tool_use(body: dict, family: str = "chatglm2") -> ToolUse | None:
+def chat_with_tools(messages, tool_fields: dict, family: str) -> tuple[ToolUse | None, tuple]:
+    """The request's tools (`tool_fields`: tools, tool_choice, parallel_tool_calls) in `family`'s format, and
+    its messages as (system, query, history, answer_prefix), with the tools' turns in that format too."""
+    tools = tool_use(tool_fields, family)
+    return tools, to_chat(messages, tools.instructions if tools else "", tools.format if tools else tool_format(family))
+
+
+def tool_use(body: dict, family: str = CHATGLM2) -> ToolUse | None:
     """The request's tools in `family`'s format, or None when it has none or tool_choice is "none" (then it is
     a plain chat)."""
     tools = body.get("tools")
