@@ -20,6 +20,8 @@ from __future__ import annotations
 import ast
 import json
 
+from .family import CHATGLM3
+
 INTRO = ("你可以调用下面的工具。需要调用时，只输出一行 JSON：{\"name\": 工具名, \"arguments\": {参数}}；"
          "不需要时直接用文字回答。\n"
          "You can call the tools below. To call one, answer with only one line of JSON: "
@@ -133,8 +135,6 @@ def function_entry(tool: dict) -> dict:
 
 
 def tool_format(family: str, names: tuple[str, ...] = ()):
-    from .family import CHATGLM3
-
     return ChatGLM3Tools(names) if family == CHATGLM3 else GenericTools()
 
 
