@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import REAL_TOKENIZER, SIX_B  # noqa: E402
 
-CONFIGS = ("dense-16", "torch-4", "torch-8", "bnb-4", "bnb-8")
+CONFIGS = ("dense-16", "torch-4", "torch-8", "torch-8-torch", "torch-8-fbgemm", "torch-8-onednn", "bnb-4", "bnb-8")
 QUALITY_TEXT = ("北京是中华人民共和国的首都，历史悠久，文化灿烂。The quick brown fox jumps over the lazy dog. "
                 "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n") * 8
 
@@ -144,8 +144,8 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
     from server.model.profiles import Plan
 
     peaks = MemoryPeaks()
-    backend, bits = config.removesuffix(":convert").split("-")
-    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend)
+    backend, bits, *int8 = config.removesuffix(":convert").split("-")  # torch-8-fbgemm: an int8 kernel forced
+    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend, int8_kernel=(int8 or ["auto"])[0])
     if config.endswith(":convert"):  # the first start's conversion, in a process of its own
         start = time.perf_counter()
         ensure_converted(folder, cache_format(plan))

@@ -13,6 +13,7 @@ then quantized to Q4_0 and Q8_0 with llama-cpp-python's llama_model_quantize (2 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--types", default="Q4_0,Q8_0", help="quantized files to make from the 16/32-bit one "
                                                                  "('' for none: then llama_cpp is not needed)")
     parser.add_argument("--outtype", default="f16", choices=("f16", "f32"))
+    parser.add_argument("--llama-quantize", type=Path, help="llama.cpp's llama-quantize (else llama_cpp's API)")
     args = parser.parse_args()
     sys.path[:0] = [str(args.llama_cpp), str(args.llama_cpp / "gguf-py")]
     import convert_hf_to_gguf
@@ -74,12 +76,16 @@ def main() -> None:
         convert_hf_to_gguf.main()
     print(f16)
     types = [name for name in args.types.split(",") if name]
-    if types:
+    if types and not args.llama_quantize:
         import llama_cpp
 
     for name in types:
         target = args.out / f"chatglm2-{name}.gguf"
         if target.exists():
+            continue
+        if args.llama_quantize:
+            subprocess.run([str(args.llama_quantize), str(f16), str(target), name, "2"], check=True)
+            print(target)
             continue
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[name]

@@ -68,11 +68,11 @@ class Settings:
     )
     cpu_kernels: str = option(
         "auto",
-        "what runs 4/8-bit weights on the CPU, quantized once and cached: torch = torch's own kernels; onednn = "
-        "the same, 8-bit on oneDNN's int8 GEMM (refused where it is not exact: CPUs without VNNI); bnb = "
-        "bitsandbytes (NF4 / LLM.int8); auto = torch's kernels, 8-bit on whichever int8 kernel is measured faster "
-        "at start, or bnb with --dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
-        choices=("auto", "torch", "onednn", "bnb"), old_name="cpu_backend",
+        "what runs 4/8-bit weights on the CPU, quantized once and cached: torch = torch's own kernels; fbgemm / "
+        "onednn = the same, 8-bit on FBGEMM's / oneDNN's int8 GEMM (refused where it is not exact); bnb = "
+        "bitsandbytes (NF4 / LLM.int8); auto = torch's kernels, 8-bit on the int8 kernel measured fastest at "
+        "start, or bnb with --dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
+        choices=("auto", "torch", "fbgemm", "onednn", "bnb"), old_name="cpu_backend",
     )
     backend: str | None = option(
         None, "generate on OpenAI-compatible engines (vLLM, SGLang, llama.cpp's server) instead of a local model: "

@@ -115,12 +115,12 @@ def test_http_layer_starts_without_the_model_stack():
 
 @pytest.mark.parametrize("asked, bits, expected", [
     ("auto", 4, "torch"), ("auto", 8, "torch"), ("torch", 4, "torch"), ("bnb", 8, "bnb"), ("bnb", 4, "bnb"),
-    ("onednn", 8, "torch"),  # torch's kernels, 8-bit on oneDNN's
+    ("onednn", 8, "torch"), ("fbgemm", 8, "torch"),  # torch's kernels, 8-bit on oneDNN's / FBGEMM's GEMM
 ])
 def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expected):
     plan = plan_for(Settings(cpu_kernels=asked, quantize=bits), CPU)
     assert plan.device == "cpu" and plan.bits == bits and plan.backend == expected
-    assert plan.int8_kernel == (asked if asked in ("torch", "onednn") else "auto")
+    assert plan.int8_kernel == (asked if asked in ("torch", "fbgemm", "onednn") else "auto")
     assert plan_for(Settings(cpu_kernels=asked, quantize=16), CPU).backend == "dense"
     gpu = Hardware(cuda=True, free_bytes=6 * GIB, name="RTX 3060")
     assert plan_for(Settings(cpu_kernels=asked), gpu).backend == "bnb"  # the setting is about the CPU only

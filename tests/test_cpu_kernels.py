@@ -7,7 +7,7 @@ import pytest
 import requests
 import torch
 
-from server.model import cpu_kernels, cpu_quant
+from server.model import cpu_kernels, cpu_quant, int8_gemm
 from server.model.cpu_kernels import NEVER, KernelChoice, dense_threshold
 from server.model.loader import ModelLoadError, load_model
 from tests.conftest import cpu_plan
@@ -28,13 +28,15 @@ def test_the_measurement_on_this_cpu_is_complete_and_consistent():
     choice = cpu_kernels.measure()
     assert choice is cpu_kernels.measure()  # once per process
     assert {"int8-torch", "bfloat16"} <= set(choice.decode_ms) and all(v > 0 for v in choice.decode_ms.values())
-    assert ("int8-onednn" in choice.decode_ms) == cpu_quant.onednn_int8_exact()
-    best_int8 = min((v, k.removeprefix("int8-")) for k, v in choice.decode_ms.items() if k.startswith("int8-"))[1]
-    assert choice.int8 == best_int8  # the faster of the measured int8 kernels
+    for kernel in int8_gemm.KERNELS:
+        assert (f"int8-{kernel}" in choice.decode_ms) == bool(int8_gemm.activation_bits(kernel))
+    int8 = {k.removeprefix("int8-"): v for k, v in choice.decode_ms.items() if k.startswith("int8-")}
+    close = [k for k, ms in int8.items() if ms <= cpu_kernels.DECODE_MARGIN * min(int8.values())]
+    assert choice.int8 == min(close, key=lambda k: choice.prefill_ms[f"int8-{k}"])
     dense_row = choice.prefill_ms[choice.dense_dtype] / cpu_kernels.DENSE_ROWS
     for bits, kernel in ((8, "int8-torch"), (4, "int4")):
         cheaper = choice.prefill_ms.get(kernel, 0) / cpu_kernels.PREFILL_ROWS <= dense_row
-        if cheaper or (bits == 8 and choice.int8 == "onednn"):
+        if cheaper or (bits == 8 and choice.int8 != "torch"):
             assert choice.dense_from_tokens[bits] == NEVER
     assert choice.decode_ms_at(8) == choice.decode_ms[f"int8-{choice.int8}"]
     faster = "float32" if choice.prefill_ms["float32"] < choice.prefill_ms["bfloat16"] else "bfloat16"
@@ -74,13 +76,25 @@ def test_where_expanding_never_pays_a_long_prompt_runs_on_the_kernel(tiny_checkp
     assert torch.corrcoef(torch.stack([quant, exact]))[0, 1] > 0.99
 
 
-def test_forcing_onednn_where_it_is_not_exact_is_refused_clearly(tiny_checkpoint):
-    if cpu_quant.onednn_int8_exact():
-        loaded = load_model(tiny_checkpoint, plan(8, int8_kernel="onednn"))
+@pytest.mark.parametrize("decode, prefill, chosen", [
+    ({"torch": 2.5, "fbgemm": 1.9, "onednn": 2.5}, {"torch": 28, "fbgemm": 10, "onednn": 9}, "fbgemm"),  # Zen 4
+    ({"torch": 2.5, "fbgemm": 2.4, "onednn": 2.3}, {"torch": 28, "fbgemm": 10, "onednn": 4}, "onednn"),  # AMX-like
+    ({"torch": 2.3, "onednn": 2.5}, {"torch": 28, "onednn": 9}, "onednn"),  # within 10 %: prompts decide
+    ({"torch": 2.0, "onednn": 2.5}, {"torch": 28, "onednn": 9}, "torch"),  # 25 % slower at decode: not chosen
+])
+def test_the_int8_kernel_is_the_fastest_at_prompts_of_those_close_at_decode(decode, prefill, chosen):
+    assert cpu_kernels.fastest_int8({f"int8-{k}": v for k, v in decode.items()},
+                                    {f"int8-{k}": v for k, v in prefill.items()}) == chosen
+
+
+@pytest.mark.parametrize("kernel", int8_gemm.KERNELS)
+def test_forcing_an_int8_gemm_where_it_is_not_exact_is_refused_clearly(tiny_checkpoint, kernel):
+    if int8_gemm.activation_bits(kernel):
+        loaded = load_model(tiny_checkpoint, plan(8, int8_kernel=kernel))
         assert all(m.packed is not None for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear))
     else:
         with pytest.raises(ModelLoadError, match="not exact on this CPU"):
-            load_model(tiny_checkpoint, plan(8, int8_kernel="onednn"))
+            load_model(tiny_checkpoint, plan(8, int8_kernel=kernel))
 
 
 def test_health_shows_the_kernels_and_their_figures(tiny_checkpoint, engine_for, serve):

@@ -1,14 +1,20 @@
 """torch's CPU int4/int8 kernels: quantization, the packed layout, the pre-quantized cache, and the model on it."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from server.model import convert, cpu_kernels, cpu_quant
+from server.model import convert, cpu_kernels, cpu_quant, int8_gemm
 from server.model.cpu_quant import dequantize_int4, int4_block_rows, quantize_int4, quantize_int8
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,54 +56,85 @@ def test_layers_compute_what_their_dequantized_weights_say(weight, tokens):
         assert (got - expected).abs().max() < 0.02 * expected.abs().max(), kind.__name__
 
 
-def packed_int8_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> cpu_quant.Int8Linear:
+GEMMS = [pytest.param(kernel, marks=pytest.mark.skipif(
+    not int8_gemm.activation_bits(kernel), reason=f"{kernel}'s int8 GEMM is not exact on this CPU, so the server "
+    "never uses it here (test_the_exactness_probe_tells_where_each_int8_gemm_is_usable checks both)"))
+    for kernel in int8_gemm.KERNELS]
+
+
+def packed_int8_layer(weight: torch.Tensor, kernel: str, bias: torch.Tensor | None = None) -> cpu_quant.Int8Linear:
     layer = cpu_quant.Int8Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     q, scale = quantize_int8(weight)
     layer.load_state_dict({"weight_int8": q, "scales": scale, **({"bias": bias} if bias is not None else {})},
                           assign=True)
-    assert cpu_quant.onednn_int8(), "this torch has oneDNN's int8 GEMM"
-    layer.to_onednn()  # (pack() does so only where it is the faster kernel)
-    assert layer.weight_int8 is None and "weight_int8" not in layer.state_dict()  # released: oneDNN has its copy
+    layer.pack(kernel)  # (the loader does so only where it is the faster kernel)
+    assert layer.weight_int8 is None and "weight_int8" not in layer.state_dict()  # released: the GEMM has its copy
     return layer
 
 
-def test_the_two_pass_activation_quantization_keeps_16_bits():
+@pytest.mark.parametrize("bits, top", [(8, 127), (7, 63)])
+def test_the_two_pass_activation_quantization_keeps_14_to_16_bits(bits, top):
     x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(2))
     x[1, 7] = 300.0  # an outlier channel
-    q, s1, s2 = cpu_quant.int8_activations(x.clone())
-    assert q.dtype == torch.uint8 and q.shape == (6, 4096)
-    back = (q[:3].float() - 128) * s1 + (q[3:].float() - 128) * s2
-    assert ((back - x).abs() <= s1 / 508 + 1e-6).all()
-    assert (back - x).abs()[1].max() < 300 / 127 / 508 * 1.01  # the outlier's row too
+    q, s1, s2 = int8_gemm.int8_activations(x.clone(), bits)
+    assert q.shape == (6, 4096) and torch.equal(q, q.round()) and q.abs().max() <= top
+    back = q[:3] * s1 + q[3:] * s2
+    assert ((back - x).abs() <= s1 / (4 * top) + 1e-6).all()
+    assert (back - x).abs()[1].max() < 300 / top / (4 * top) * 1.01  # the outlier's row too
 
 
-def onednn_error(weight: torch.Tensor) -> float:
-    """Largest error of a oneDNN int8 layer against exact int8 math, relative to the largest output."""
-    layer = packed_int8_layer(weight)
+def gemm_error(weight: torch.Tensor, kernel: str) -> float:
+    """Largest error of an int8 GEMM layer against exact int8 math, relative to the largest output."""
+    layer = packed_int8_layer(weight, kernel)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     q, scale = quantize_int8(weight)
     expected = x.float() @ (q.float() * scale.float()[:, None]).T
     return float((layer(x).float() - expected).abs().max() / expected.abs().max())
 
 
-def test_the_exactness_probe_tells_where_onednn_int8_is_usable(weight):
-    """On plain AVX2 oneDNN's int8 saturates int16 sums: the probe must say so, and then nothing uses it."""
-    exact = cpu_quant.onednn_int8_exact()
-    assert exact == (onednn_error(weight * 20) < 0.01)  # large activations x weights make pairs overflow int16
-    if not exact:
-        assert "int8-onednn" not in cpu_kernels.measure().decode_ms and cpu_kernels.measure().int8 == "torch"
+@pytest.mark.parametrize("kernel", int8_gemm.KERNELS)
+def test_the_exactness_probe_tells_where_each_int8_gemm_is_usable(weight, kernel, monkeypatch):
+    """Without VNNI 8-bit activations saturate int16 pair sums: the probe must say so, and then 7 bits are used
+    (exact), or nothing uses the kernel."""
+    bits = int8_gemm.activation_bits(kernel)
+    if bits is None:
+        assert f"int8-{kernel}" not in cpu_kernels.measure().decode_ms
+        return
+    assert gemm_error(weight * 20, kernel) < 0.01  # large activations x weights make pairs overflow int16
+    if bits == 7:  # what 8 bits would have done here
+        monkeypatch.setattr(int8_gemm, "activation_bits", lambda k: 8)
+        assert gemm_error(weight * 20, kernel) > 0.02
 
 
-needs_exact_onednn = pytest.mark.skipif(
-    not cpu_quant.onednn_int8_exact(), reason="oneDNN's int8 is not exact on this CPU (no VNNI), so the server never "
-    "uses it here (test_the_exactness_probe_tells_where_onednn_int8_is_usable checks both)")
+def test_without_vnni_fbgemm_falls_back_to_exact_7_bit_activations():
+    """FBGEMM capped at plain AVX2 (how an older PC runs it): 8-bit activations saturate, 7-bit ones are exact,
+    and a layer on them still computes what its weights say."""
+    code = (
+        "import torch\n"
+        "from server.model import cpu_quant, int8_gemm\n"
+        "from server.model.cpu_quant import quantize_int8\n"
+        "assert int8_gemm.activation_bits('fbgemm') == 7, int8_gemm.activation_bits('fbgemm')\n"
+        "w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))\n"
+        "layer = cpu_quant.Int8Linear(128, 256, bias=False)\n"
+        "q, scale = quantize_int8(w)\n"
+        "layer.load_state_dict({'weight_int8': q, 'scales': scale}, assign=True)\n"
+        "layer.pack('fbgemm')\n"
+        "x = torch.randn(9, 128, generator=torch.Generator().manual_seed(1)) * 20\n"
+        "x[:, 3] *= 50\n"
+        "expected = x @ (q.float() * scale.float()[:, None]).T\n"
+        "error = float((layer(x).float() - expected).abs().max() / expected.abs().max())\n"
+        "assert error < 0.01, error\n"
+        "print('ok', error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
 
 
-@needs_exact_onednn
-@pytest.mark.parametrize("tokens", [1, 5, 140, cpu_quant.ONEDNN_ROWS + 77])  # decode, batch, prompts in chunks
-def test_onednn_int8_layer_computes_what_its_dequantized_weights_say(weight, tokens):
+@pytest.mark.parametrize("kernel", GEMMS)
+@pytest.mark.parametrize("tokens", [1, 5, 140, int8_gemm.ROWS + 77])  # decode, batch, prompts in pieces
+def test_int8_gemm_layer_computes_what_its_dequantized_weights_say(weight, kernel, tokens):
     bias = torch.randn(256).to(torch.bfloat16)
-    layer = packed_int8_layer(weight, bias)
+    layer = packed_int8_layer(weight, kernel, bias)
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))
     x[:, 3] *= 50  # an outlier channel: one int8 scale per row would lose ~10 % here
     q, scale = quantize_int8(weight)
@@ -109,9 +146,9 @@ def test_onednn_int8_layer_computes_what_its_dequantized_weights_say(weight, tok
         3 * (got - expected).abs().max()  # what the second pass is for
 
 
-@needs_exact_onednn
-def test_onednn_int8_rows_do_not_depend_on_their_batch(weight):
-    layer = packed_int8_layer(weight)
+@pytest.mark.parametrize("kernel", GEMMS)
+def test_int8_gemm_rows_do_not_depend_on_their_batch(weight, kernel):
+    layer = packed_int8_layer(weight, kernel)
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     together = layer(x)
     assert all(torch.equal(layer(x[i:i + 1])[0], together[i]) for i in range(7))  # int32 sums are exact
@@ -159,14 +196,15 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
     assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
 
 
-@needs_exact_onednn
-def test_an_int8_model_holds_oneDNN_copies_and_no_mapped_file(tiny_checkpoint):
+@pytest.mark.parametrize("kernel", GEMMS)
+def test_an_int8_model_holds_the_gemms_copies_and_no_mapped_file(tiny_checkpoint, kernel):
     loaded = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"),
-                                                             int8_kernel="onednn"))
+                                                             int8_kernel=kernel))
     layers = [m for m in loaded.model.modules() if isinstance(m, cpu_quant.Int8Linear)]
     assert layers and all(m.packed is not None and m.weight_int8 is None for m in layers)
+    assert {m.packed.kernel for m in layers} == {kernel}
     assert loaded.model.mapped_files == []  # every shard was packed or copied, then unmapped
-    assert loaded.cpu_kernels["int8"] == "onednn"
+    assert loaded.cpu_kernels["int8"] == kernel
     torch_kernel = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"),
                                                                    int8_kernel="torch"))
     ids = torch.tensor([loaded.tokenizer.build_prompt("hello world 你好", [])])

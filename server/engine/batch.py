@@ -2,8 +2,8 @@
 
 Decoding is bound by reading the weights, so one step for several sequences costs little more than a step for
 one (README, Performance). Rows have different lengths: shorter rows are padded on the left, each row's position
-ids count only its own tokens, and attention runs row by row on each row's own keys (`rows_attention`), so a
-row's logits are bit for bit those it gets alone wherever the linear layers are row-independent (README). A
+ids count only its own tokens, and attention runs row by row on each row's own keys (attention.rows_attention),
+so a row's logits are bit for bit those it gets alone wherever the linear layers are row-independent (README). A
 joining row pads whichever side is shorter; rows that end are dropped, and padding that no row needs any more is
 cut off. Nothing here writes into a cache tensor in place (the cache only concatenates),
 which lets a row start from tensors the prefix cache still holds.
@@ -12,29 +12,11 @@ which lets a row start from tensors the prefix cache still holds.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import DynamicCache
 
+from ..model.attention import ATTENTION
 from ..model.forward import CACHE_ARG
 from .sequence import Sequence
-
-ATTENTION = "chatglm2_rows"
-
-
-def rows_attention(module, query, key, value, attention_mask, row_pads: list[int] | None = None, **kwargs):
-    """SDPA, row by row without each row's padding when `row_pads` is given: one padded attention over all rows
-    hides the padding through the mask, but sums in another order than the row alone would (other lengths, other
-    vector blocks), which flips near-tied tokens in 16-bit. Row by row costs a few small calls per layer."""
-    if row_pads is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1, :, pad:], value[i:i + 1, :, pad:], None,
-                                   **kwargs)[0] for i, pad in enumerate(row_pads)]
-    return torch.cat(rows), None
-
-
-AttentionInterface.register(ATTENTION, rows_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 class Batch:

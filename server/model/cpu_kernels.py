@@ -1,14 +1,19 @@
 """Which CPU kernels run the quantized weights on this machine, chosen by timing them at the real model's size.
 
-The right choice depends on the CPU, and guessing from its name has failed before: oneDNN's int8 GEMM is exact
-and fast with VNNI/AMX, saturates without (cpu_quant.onednn_int8_exact); bfloat16 matmuls are fast with AMX or
+The right choice depends on the CPU, and guessing from its name has failed before: FBGEMM's and oneDNN's int8
+GEMMs sum 8-bit activations exactly with VNNI/AMX and saturate without (int8_gemm.activation_bits); FBGEMM reads
+weights near the memory's speed where oneDNN did not on an AMD Zen 4, and the other way round with AMX; bfloat16
+matmuls are fast with AMX or
 AVX512-BF16 and ~3x slower than torch's int8 kernel on plain AVX2, where expanding int8 weights to bfloat16 for a
 prompt only costs time. So each candidate is timed on matrices of ChatGLM2-6B's MLP shape, three different
 copies in turn so that no weight is served from the CPU's cache (a single matrix fits a 32 MB L3 and looks
 several times faster than the model is), each figure the median of several tries:
 
-- decode: one token through each kernel (int8 on torch's kernel, int8 on oneDNN where exact, int4, and the
-  bfloat16 matmul): picks the int8 kernel, and lets `auto` pick the fastest precision that fits the RAM;
+- decode: one token through each kernel (int8 on torch's kernel, on FBGEMM's and oneDNN's GEMMs where exact,
+  int4, and the bfloat16 matmul): lets `auto` pick the fastest precision that fits the RAM;
+- the int8 kernel: among those within DECODE_MARGIN of the fastest at decode, the fastest at PREFILL_ROWS rows
+  (two int8 kernels often decode within a few % of each other, and a prompt of 20 tokens then costs 3 times
+  more on one than the other: the margin keeps noise from deciding);
 - prefill: PREFILL_ROWS tokens through the kernel, DENSE_ROWS through the bfloat16 and the float32 matmul (the
   faster is the dense dtype: float32 on CPUs without bfloat16 units), and (where the matmul's rows are cheaper)
   the cost of expanding one matrix: from how many tokens expanding pays off. Never where a kernel row costs no
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import cpu_quant
+from . import cpu_quant, int8_gemm
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +46,13 @@ DECODE_TRIES = 7
 PREFILL_ROWS = 32  # a kernel's cost grows about linearly with the rows: 32 tell its cost per row
 DENSE_ROWS = 128  # a dense matmul gets cheaper per row as rows grow: measured where long prompts run
 PREFILL_TRIES = 3
+DECODE_MARGIN = 1.1
 NEVER = sys.maxsize
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    int8: str  # "onednn" or "torch": which kernel runs 8-bit weights
+    int8: str  # "torch", "fbgemm" or "onednn": which kernel runs 8-bit weights
     dense_from_tokens: dict[int, int]  # bits -> rows from which a prompt expands the weights (NEVER: it does not)
     dense_dtype: str = "bfloat16"  # what they expand to: bfloat16, or float32 where its matmul is faster
     decode_ms: dict[str, float] = field(default_factory=dict)  # one token, one SHAPE matrix, by candidate
@@ -114,11 +120,11 @@ def measure() -> KernelChoice:
             int4_decode, int4_prefill = int4_figures(x1, xp, prefill[dtype], dtype)
             decode.update(int4_decode)
             prefill.update(int4_prefill)
-    int8_kernel = "onednn" if decode.get("int8-onednn", math.inf) < decode["int8-torch"] else "torch"
+    int8_kernel = fastest_int8(decode, prefill)
     dtype = dense_dtype(prefill)
     thresholds = {
-        # oneDNN's int8 GEMM multiplies prompts at the speed of its int8 units: it never expands
-        8: NEVER if int8_kernel == "onednn" or "expand-int8" not in prefill else dense_threshold(
+        # the int8 GEMMs multiply prompts at the speed of the int8 units: they never expand
+        8: NEVER if int8_kernel != "torch" or "expand-int8" not in prefill else dense_threshold(
             prefill["int8-torch"], prefill[dtype], prefill["expand-int8"]),
         4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill[dtype],
                                                                       prefill["expand-int4"]),
@@ -133,8 +139,16 @@ def measure() -> KernelChoice:
     return choice
 
 
+def fastest_int8(decode: dict[str, float], prefill: dict[str, float]) -> str:
+    """Of the int8 kernels within DECODE_MARGIN of the fastest at decode, the fastest at prompts."""
+    kernels = [key.removeprefix("int8-") for key in decode if key.startswith("int8-")]
+    fastest = min(decode[f"int8-{k}"] for k in kernels)
+    return min((k for k in kernels if decode[f"int8-{k}"] <= DECODE_MARGIN * fastest),
+               key=lambda k: prefill[f"int8-{k}"])
+
+
 def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor, xd: torch.Tensor) -> tuple[dict, dict]:
-    """int8 on torch's kernel and on oneDNN's (where exact), and the bfloat16 matmul: (decode, prefill) ms."""
+    """int8 on torch's kernel and on each exact int8 GEMM, and the bfloat16 matmul: (decode, prefill) ms."""
     n, k = SHAPE
     first = torch.full((n, k), 3, dtype=torch.int8)  # (the values do not change a kernel's speed)
     int8 = [first] + [first.clone() for _ in range(COPIES - 1)]
@@ -142,9 +156,11 @@ def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor, xd: torch.Tensor)
     decode = {"int8-torch": median_ms(lambda i: torch.ops.aten._weight_int8pack_mm(x1, int8[i], scales),
                                       DECODE_TRIES)}
     prefill = {"int8-torch": prefill_ms(lambda i: torch.ops.aten._weight_int8pack_mm(xp, int8[i], scales))}
-    if cpu_quant.onednn_int8_exact():
-        layers = [onednn_layer(q, scales) for q in int8]
-        decode["int8-onednn"] = median_ms(lambda i: layers[i].kernel(x1), DECODE_TRIES)
+    for kernel in int8_gemm.usable():
+        packed = [int8_gemm.PackedInt8(kernel, q, scales) for q in int8]
+        decode[f"int8-{kernel}"] = median_ms(lambda i, packed=packed: packed[i](x1), DECODE_TRIES)
+        prefill[f"int8-{kernel}"] = prefill_ms(lambda i, packed=packed: packed[i](xp))
+        del packed
     dense = [q.to(torch.bfloat16) for q in int8]
     decode["bfloat16"] = median_ms(lambda i: F.linear(x1, dense[i]), DECODE_TRIES)
     prefill["bfloat16"] = prefill_ms(lambda i: F.linear(xd, dense[i]), tries=1)  # (DENSE_ROWS rows)
@@ -186,11 +202,3 @@ def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float, dt
         prefill["expand-int4"] = prefill_ms(lambda i: cpu_quant.dequantize_int4(packed[i], scales_zeros)
                                             .to(DTYPES[dtype]))
     return decode, prefill
-
-
-def onednn_layer(weight_int8: torch.Tensor, scales: torch.Tensor) -> cpu_quant.Int8Linear:
-    n, k = weight_int8.shape
-    layer = cpu_quant.Int8Linear(k, n, bias=False)
-    layer.load_state_dict({"weight_int8": weight_int8.clone(), "scales": scales}, assign=True)
-    layer.to_onednn()
-    return layer

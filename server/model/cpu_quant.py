@@ -2,10 +2,8 @@
 
 - int8 and int4 linear layers on the quantized matmul kernels that ship with torch (no extra package, no
   compiler). int8: symmetric per output row (w = q * scale), multiplied by torch's `aten._weight_int8pack_mm`
-  (bfloat16 activations) or by oneDNN's int8 GEMM (`onednn.qlinear_pointwise`) where that is exact (VNNI/AMX:
-  onednn_int8_exact) and faster; cpu_kernels.py times both at load. oneDNN's GEMM takes int8 activations: each
-  row is quantized twice, the second time its rounding error (see int8_activations), which keeps outlier
-  channels exact to ~1e-4 where one int8 scale per row loses ~10 %. int4: `aten._weight_int4pack_mm_for_cpu`,
+  (bfloat16 activations) or by FBGEMM's or oneDNN's int8 GEMM on integer activations quantized in two passes
+  (int8_gemm.py) where that is exact; cpu_kernels.py times them at load. int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
   ~4.5 bits per weight).
 - bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-kernels bnb` at 4-bit: from the
@@ -26,6 +24,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .int8_gemm import PackedInt8
 
 GROUP = 32  # int4 weights per scale/zero pair along K
 BLOCK_N = 64  # the int4 packer lays out blocks of this many output rows with AVX512 (half as many with AVX2)
@@ -145,55 +145,6 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(self.weight_int4, self.scales_zeros)
 
 
-ONEDNN_ROWS = 128  # prompt rows per oneDNN call: fastest on the 6B shapes (its activations stay in cache)
-
-
-@functools.cache
-def onednn_int8() -> bool:
-    """Whether this torch has oneDNN's int8 GEMM (builds without oneDNN, e.g. for some Arm CPUs, do not)."""
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(torch.ones(64, 64, dtype=torch.int8), [1, 64])
-        torch.ops.onednn.qlinear_pointwise(torch.full((2, 64), 129, dtype=torch.uint8), 1.0, 128, packed,
-                                           torch.ones(64), torch.zeros(64, dtype=torch.int64), None, 1.0, 0,
-                                           torch.float32, "none", [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-@functools.cache
-def onednn_int8_exact() -> bool:
-    """Whether oneDNN's int8 GEMM sums exactly here. Without VNNI (plain AVX2: older Intel, AMD before Zen 4) its
-    u8 x s8 code adds pairs of products in int16, which saturates: a 2 x 64 probe built to overflow such pairs
-    comes back off by ~50 %, and a real model's layers by ~6 % (found on an AMD Zen 3). VNNI sums in int32."""
-    if not onednn_int8():
-        return False
-    k = 64
-    packed = torch.ops.onednn.qlinear_prepack(torch.full((1, k), 127, dtype=torch.int8), [1, k])
-    y = torch.ops.onednn.qlinear_pointwise(torch.full((1, k), 255, dtype=torch.uint8), 1.0, 128, packed,
-                                           torch.ones(1), torch.zeros(1, dtype=torch.int64), None, 1.0, 0,
-                                           torch.float32, "none", [], "")
-    return float(y) == 127.0 * 127 * k  # (255 - 128) x 127, k times
-
-
-def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[M, K] activations -> (uint8 [2M, K] with zero point 128, scales s1 [M, 1], s2 [M, 1]).
-
-    Rows 0..M-1 are x rounded to 127 steps of s1 = max|x_row| / 127; rows M..2M-1 are what that rounding lost
-    (at most s1 / 2), rounded to steps of s2 = s1 / 254. x = s1 q1 + s2 q2 to within s1 / 508: about 16 bits
-    per value, so an outlier channel (ChatGLM2 has some) costs the rest of the row no precision. Multiplying 2M
-    rows costs the GEMM little more than M: it reads the weights once either way.
-    """
-    m = x.shape[0]
-    x = x.float()
-    s1 = x.abs().amax(-1, keepdim=True).clamp_(min=1e-30).div_(127)
-    both = torch.empty(2 * m, x.shape[1])
-    q1 = torch.div(x, s1, out=both[:m]).round_()
-    s2 = s1 / 254
-    torch.div(x.addcmul_(q1, s1, value=-1), s2, out=both[m:]).round_().clamp_(-127, 127)
-    return both.add_(128).to(torch.uint8), s1, s2
-
-
 class Int8Linear(QuantizedLinear):
     """W in 8 bits per output row (see module doc)."""
 
@@ -203,30 +154,20 @@ class Int8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, device)
         self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        self.packed: torch.Tensor | None = None  # oneDNN's copy of W (see to_onednn)
+        self.packed: PackedInt8 | None = None  # W in an int8 GEMM's own layout (see pack)
 
-    def to_onednn(self) -> None:
-        """Hand W to oneDNN in its own blocked layout (which depends on the CPU, so it is made at load and not
-        cached) and release the int8 buffer, whose copy it is. Only where oneDNN's int8 is exact and the faster
-        kernel (cpu_kernels.py decides)."""
-        self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, [1, self.in_features])
-        self.weight_scales = self.scales.float()
-        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+    def pack(self, kernel: str) -> None:
+        """Hand W to an int8 GEMM with integer activations (int8_gemm.py) in its own layout, which depends on the
+        CPU (so it is made at load, not cached), and release the int8 buffer, whose copy it is. Only where that
+        GEMM is exact and the faster kernel (cpu_kernels.py decides)."""
+        self.packed = PackedInt8(kernel, self.weight_int8, self.scales)
         self.weight_int8 = None  # the mapped (or loaded) int8 copy is no longer needed
-        self.dense_from_tokens = sys.maxsize  # oneDNN's int8 GEMM beats expanding W at every size
+        self.dense_from_tokens = sys.maxsize  # the int8 GEMMs beat expanding W at every size
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
-        return torch.cat([self.onednn(rows) for rows in x.split(ONEDNN_ROWS)])
-
-    def onednn(self, x: torch.Tensor) -> torch.Tensor:
-        q, s1, s2 = int8_activations(x)
-        # y = x_scale * w_scale[n] * sum((q - 128) * w): x_scale 1, the rows' scales are applied after
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scales, self.zero_points,
-                                               None, 1.0, 0, torch.float32, "none", [], "")
-        m = x.shape[0]
-        return y[:m].mul_(s1).add_(y[m:].mul_(s2)).to(torch.bfloat16)
+        return self.packed(x)
 
     def dense_weight(self) -> torch.Tensor:
         """W in the dense dtype (bfloat16, or float32 where that is the faster matmul)."""

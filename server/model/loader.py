@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError  # noqa: F401 (defined in errors.py, importable here too)
+from . import int8_gemm
+from .attention import ATTENTION
 from .checkpoint import source_bits
 from .convert import ensure_converted
-from .cpu_quant import DENSE_FROM_TOKENS, Int4Linear, Int8Linear, onednn_int8_exact, swap_linears
+from .cpu_quant import DENSE_FROM_TOKENS, Int4Linear, Int8Linear, swap_linears
 from .profiles import Plan
 from .tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
@@ -82,6 +84,7 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
     else:
         model = load_pretrained(converted, plan, prequantized=fmt == "cpu-nf4")
     model.eval()
+    model.set_attn_implementation(ATTENTION)  # (one decoding token on the CPU: attention.py)
     check_vocabulary(model, tokenizer)
     warm_up(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir, cpu_kernels=kernels)
@@ -94,11 +97,11 @@ def choose_cpu_kernels(plan: Plan) -> dict:
 
     measured = measure()
     int8 = measured.int8 if plan.int8_kernel == "auto" else plan.int8_kernel
-    if int8 == "onednn" and not onednn_int8_exact():
-        raise ModelLoadError("--cpu-kernels onednn: oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its sums "
+    if int8 != "torch" and not int8_gemm.activation_bits(int8):
+        raise ModelLoadError(f"--cpu-kernels {int8}: its int8 GEMM is not exact on this CPU (its sums "
                              "saturate); use --cpu-kernels auto")
     dense_from = dict(measured.dense_from_tokens)
-    if int8 != measured.int8:  # forced to the other kernel: its prompt threshold was not measured
+    if int8 != measured.int8:  # forced to another kernel: its prompt threshold was not measured
         dense_from[8] = DENSE_FROM_TOKENS[8] if int8 == "torch" else sys.maxsize
     shown = {bits: None if rows == sys.maxsize else rows for bits, rows in dense_from.items()}  # None: never
     return {"int8": int8, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
@@ -135,9 +138,10 @@ def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):
 
 
 def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
-    """The pre-quantized CPU cache, memory-mapped shard by shard. With oneDNN as the int8 kernel, int8 layers are
-    handed to oneDNN (a copy in its layout) as their shard loads; a shard whose tensors all end up copied is
-    closed again (unmapped), so what the process holds is the model once, not the model plus the mapped file."""
+    """The pre-quantized CPU cache, memory-mapped shard by shard. With an int8 GEMM as the int8 kernel (FBGEMM's or
+    oneDNN's), int8 layers are handed to it (a copy in its layout) as their shard loads; a shard whose tensors
+    all end up copied is closed again (unmapped), so what the process holds is the model once, not the model
+    plus the mapped file."""
     from safetensors import safe_open
     from transformers import GlmConfig, GlmForCausalLM
 
@@ -165,10 +169,8 @@ def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
             state = {name: t if name.endswith(".weight_int8") else t.clone() for name, t in state.items()}
         unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         del state
-        for layer in layers.values():
-            if kernels["int8"] == "onednn" and layer.packed is None and not (layer.weight_int8.is_meta
-                                                                             or layer.scales.is_meta):
-                layer.to_onednn()  # (with torch's kernel the layer reads the mapped int8 weights)
+        if kernels["int8"] != "torch":  # (with torch's kernel the layers read the mapped int8 weights)
+            pack_loaded(layers.values(), kernels["int8"])
         unpacked = any(layer.weight_int8 is not None and not layer.weight_int8.is_meta for layer in layers.values())
         if keep_mapped or unpacked:
             files.append(f)  # tensors still live in the mapped file
@@ -186,6 +188,17 @@ def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
             module.dense_from_tokens = sys.maxsize if rows is None else rows
             module.dense_dtype = DTYPES[kernels["dense_dtype"]]
     return model
+
+
+def pack_loaded(layers, kernel: str) -> None:
+    """Pack the int8 layers whose weights have loaded, on as many threads as torch computes with: packing is
+    single-threaded in FBGEMM (~0.3 s for a 56 M-weight matrix) and releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ready = [layer for layer in layers if layer.packed is None and not (layer.weight_int8.is_meta
+                                                                        or layer.scales.is_meta)]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda layer: layer.pack(kernel), ready))
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
