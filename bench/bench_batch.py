@@ -19,12 +19,15 @@ The checkpoint is bench_cpu.py's (written when missing). Three measurements:
    a running stream against its normal step, with the prompt in chunks and in one piece, and the throughput.
 5. Features (`features`): one stream's decode tok/s plain, under a JSON schema (the grammar's mask each token)
    and with logprobs (top 5), against the plain figure.
+6. Restart (`restart`, not run by default): the next turn of a 4,000-token conversation after a restart (the
+   prefix cache's disk tier only) against a warm continuation (its memory tier).
 On a GPU the peak memory of each part is printed (torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -167,6 +170,37 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
 
 
+def restart(loaded, context_tokens: int, reply: int) -> dict:
+    """The next turn of a `context_tokens`-token conversation: its TTFT after a restart (a new engine, its memory
+    tier empty, its disk tier holding the first turn) against a warm continuation (another next turn on the same
+    engine: the memory tier holds the conversation) and against no cache at all (the first turn's own TTFT)."""
+    import tempfile
+
+    from server.engine.budget import GenerationRequest
+
+    with tempfile.TemporaryDirectory() as folder:
+        here = dataclasses.replace(loaded, path=Path(folder))  # the disk tier lives in the model folder
+        first_turn = GenerationRequest(query=question(0, loaded.tokenizer, tokens=context_tokens),
+                                       max_new_tokens=reply, **GREEDY)
+        engine = engine_for(here, max_batch=1, prompt_cache_mb=1024, prompt_cache_disk_mb=2048)
+        first = engine.submit(first_turn).wait()
+        engine.prefix_cache.disk.flush()
+        engine.close()
+        history = [(first_turn.query, first.text)]
+
+        def next_turn(engine, n: int):
+            return engine.submit(GenerationRequest(query=question(n, loaded.tokenizer, tokens=20),
+                                                   history=list(history), max_new_tokens=1, **GREEDY)).wait()
+
+        restarted = engine_for(here, max_batch=1, prompt_cache_mb=1024, prompt_cache_disk_mb=2048)
+        after = next_turn(restarted, 1)
+        warm = next_turn(restarted, 2)
+        restarted.close()
+    return {"prompt": after.prompt_tokens, "cold": first.first_token_seconds,
+            "restart": after.first_token_seconds, "restart cached": after.cached_tokens,
+            "warm": warm.first_token_seconds, "warm cached": warm.cached_tokens}
+
+
 def features(loaded, reply: int) -> dict:
     """One stream's decode tok/s: plain, under a JSON schema, with logprobs (top 5)."""
     from server.engine.budget import GenerationRequest
@@ -206,6 +240,7 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=32)
     parser.add_argument("--parts", default="chat,streams,arriving,gap,features")
     parser.add_argument("--gap-tokens", type=int, default=2000, help="the long prompt of part 4")
+    parser.add_argument("--restart-tokens", type=int, default=4000, help="the conversation of part 6")
     args = parser.parse_args()
 
     import torch
@@ -264,6 +299,13 @@ def main() -> None:
                   f"{r['longest'] * 1000:.0f} ms | {r['chunk alone'] * 1000:.0f} ms | {r['longest'] / limit:.2f} | "
                   f"{r['ttft']:.2f} s | {r['stream tok/s during']:.2f} |")
         print(peak_gib())
+
+    if "restart" in parts:
+        r = restart(loaded, args.restart_tokens, args.reply)
+        print(f"\n6. the next turn of a {r['prompt']}-token conversation: after a restart TTFT {r['restart']:.2f} s "
+              f"({r['restart cached']} tokens from the disk tier), warm {r['warm']:.2f} s ({r['warm cached']} from "
+              f"memory): restart ÷ warm {r['restart'] / r['warm']:.2f}; the first turn without a cache "
+              f"{r['cold']:.2f} s")
 
     if "features" in parts:
         rates = features(loaded, reply=args.stream_tokens * 2)

@@ -127,7 +127,7 @@ def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expec
 
 
 def kernels(int8: float, int4: float, bf16: float = 20.0) -> KernelChoice:
-    """Measured speeds (ms per matrix for one token) as cpu_kernels.measure() reports them."""
+    """Measured speeds (ms for one token through a layer) as cpu_kernels.measure() reports them."""
     return KernelChoice(int8="torch", dense_from_tokens={8: 32, 4: 128},
                         decode_ms={"int8-torch": int8, "int4": int4, "bfloat16": bf16})
 

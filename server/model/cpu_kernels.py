@@ -5,16 +5,18 @@ GEMMs sum 8-bit activations exactly with VNNI/AMX and saturate without (int8_gem
 weights near the memory's speed where oneDNN did not on an AMD Zen 4, and the other way round with AMX; bfloat16
 matmuls are fast with AMX or
 AVX512-BF16 and ~3x slower than torch's int8 kernel on plain AVX2, where expanding int8 weights to bfloat16 for a
-prompt only costs time. So each candidate is timed on matrices of ChatGLM2-6B's MLP shape, three different
-copies in turn so that no weight is served from the CPU's cache (a single matrix fits a 32 MB L3 and looks
-several times faster than the model is), each figure the median of several tries:
+prompt only costs time. So each candidate is timed on the real thing, each figure the median of several tries:
 
-- decode: one token through each kernel (int8 on torch's kernel, on FBGEMM's and oneDNN's GEMMs where exact,
-  int4, and the bfloat16 matmul): lets `auto` pick the fastest precision that fits the RAM;
+- decode: one token through the matrices of one ChatGLM2-6B layer, all six of their shapes (204 M weights, well
+  past any CPU's last-level cache, so no weight is served from it), on each kernel (int8 on torch's kernel, on
+  FBGEMM's and oneDNN's GEMMs where exact, int4, and the bfloat16 matmul): lets `auto` pick the fastest precision
+  that fits the RAM. (One MLP-sized matrix measured alone ranked int4 ahead of FBGEMM's int8 by 20 %; in the
+  model FBGEMM's 8-bit decoded faster: the small K/V matrices and the 13,696-wide one weigh in.);
 - the int8 kernel: among those within DECODE_MARGIN of the fastest at decode, the fastest at PREFILL_ROWS rows
   (two int8 kernels often decode within a few % of each other, and a prompt of 20 tokens then costs 3 times
   more on one than the other: the margin keeps noise from deciding);
-- prefill: PREFILL_ROWS tokens through the kernel, DENSE_ROWS through the bfloat16 and the float32 matmul (the
+- prefill (compute-bound: one matrix, the layer's down projection): PREFILL_ROWS tokens through each kernel,
+  DENSE_ROWS through the bfloat16 and the float32 matmul (the
   faster is the dense dtype: float32 on CPUs without bfloat16 units), and (where the matmul's rows are cheaper)
   the cost of expanding one matrix: from how many tokens expanding pays off. Never where a kernel row costs no
   more than a matmul row: then every prompt runs on the kernel, with no per-forward expansion.
@@ -40,8 +42,9 @@ from . import cpu_quant, int8_gemm
 
 log = logging.getLogger(__name__)
 
-SHAPE = (13696, 4096)  # half of ChatGLM2-6B's gate_up / its down projection: 56 M weights
-COPIES = 3  # matrices used in turn: 168 MB of int8 together, well past any CPU's last-level cache
+# one ChatGLM2-6B layer's linear layers as (out, in): q, k, v, o, gate_up, down
+LAYER = ((4096, 4096), (256, 4096), (256, 4096), (4096, 4096), (27392, 4096), (4096, 13696))
+PROMPT_MATRIX = LAYER[-1]  # 56 M weights, where prompts are timed
 DECODE_TRIES = 7
 PREFILL_ROWS = 32  # a kernel's cost grows about linearly with the rows: 32 tell its cost per row
 DENSE_ROWS = 128  # a dense matmul gets cheaper per row as rows grow: measured where long prompts run
@@ -55,12 +58,12 @@ class KernelChoice:
     int8: str  # "torch", "fbgemm" or "onednn": which kernel runs 8-bit weights
     dense_from_tokens: dict[int, int]  # bits -> rows from which a prompt expands the weights (NEVER: it does not)
     dense_dtype: str = "bfloat16"  # what they expand to: bfloat16, or float32 where its matmul is faster
-    decode_ms: dict[str, float] = field(default_factory=dict)  # one token, one SHAPE matrix, by candidate
+    decode_ms: dict[str, float] = field(default_factory=dict)  # one token through one layer, by candidate
     prefill_ms: dict[str, float] = field(default_factory=dict)  # PREFILL_ROWS tokens, and expanding one matrix
     seconds: float = 0.0  # what measuring took
 
     def decode_ms_at(self, bits: int) -> float | None:
-        """The chosen kernel's time per matrix for one token at this precision (16: the bfloat16 matmul)."""
+        """The chosen kernel's time per layer for one token at this precision (16: the bfloat16 matmul)."""
         key = {8: f"int8-{self.int8}", 4: "int4", 16: "bfloat16"}[bits]
         return self.decode_ms.get(key)
 
@@ -72,22 +75,30 @@ class KernelChoice:
                 "decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "measured_in_s": self.seconds}
 
 
-def median_ms(run: Callable[[int], object], tries: int, copies: int = COPIES) -> float:
-    """Median over `tries` of the time per call of run(copy), each try one call per copy (after a warm round)."""
-    for i in range(copies):
-        run(i)
+def median_ms(run: Callable[[], object], tries: int) -> float:
+    """Median over `tries` of the time of run() (after one warm call)."""
+    run()
     times = []
     for _ in range(tries):
         start = time.perf_counter()
-        for i in range(copies):
-            run(i)
-        times.append((time.perf_counter() - start) / copies)
+        run()
+        times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
 
-def prefill_ms(run: Callable[[int], object], tries: int = PREFILL_TRIES) -> float:
-    """Prompts are compute-bound: one matrix, no need to defeat the cache."""
-    return median_ms(run, tries, copies=1)
+def decode_ms(runs: dict[str, Callable[[], object]], tries: int = DECODE_TRIES) -> dict[str, float]:
+    """Median ms of each run, taken in rounds that time every candidate once: a shared machine's load drifts
+    within seconds (±20 % on 2 shared cores), and timing one candidate after the other would hand that drift
+    to the comparison."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(tries):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def dense_threshold(kernel_ms: float, dense_ms: float, expand_ms: float) -> int:
@@ -101,25 +112,41 @@ def dense_threshold(kernel_ms: float, dense_ms: float, expand_ms: float) -> int:
 
 
 def int4_available() -> bool:
-    n, k = SHAPE
-    return n % cpu_quant.BLOCK_N == 0 and k % cpu_quant.GROUP == 0
+    return all(n % cpu_quant.BLOCK_N == 0 and k % cpu_quant.GROUP == 0 for n, k in LAYER)
+
+
+class Inputs:
+    """Activations for one decoding token (per input width) and for prompts through PROMPT_MATRIX."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        self.one = {k: torch.randn(1, k, generator=gen).to(torch.bfloat16) for k in {k for _, k in LAYER}}
+        k = PROMPT_MATRIX[1]
+        self.prompt = torch.randn(PREFILL_ROWS, k, generator=gen).to(torch.bfloat16)
+        self.dense = torch.randn(DENSE_ROWS, k, generator=gen).to(torch.bfloat16)
+
+    def decode(self, matmul: Callable, weights: list) -> Callable[[], object]:
+        """One token through the layer: matmul(x, weight) for each of LAYER's matrices (timed by decode_ms)."""
+        return lambda: [matmul(self.one[k], w) for (_, k), w in zip(LAYER, weights)]
+
+    def prefill(self, matmul: Callable, weight, rows: torch.Tensor | None = None, tries: int = PREFILL_TRIES):
+        x = self.prompt if rows is None else rows
+        return median_ms(lambda: matmul(x, weight), tries)
 
 
 @functools.cache
 def measure() -> KernelChoice:
     start = time.perf_counter()
-    n, k = SHAPE
-    gen = torch.Generator().manual_seed(0)
-    x1 = torch.randn(1, k, generator=gen).to(torch.bfloat16)
-    xp = torch.randn(PREFILL_ROWS, k, generator=gen).to(torch.bfloat16)
-    xd = torch.randn(DENSE_ROWS, k, generator=gen).to(torch.bfloat16)
+    inputs = Inputs()
     with torch.inference_mode():
-        decode, prefill = int8_and_dense_figures(x1, xp, xd)
+        runs, prefill = int8_and_dense_figures(inputs)
         if int4_available():
             dtype = dense_dtype(prefill)
-            int4_decode, int4_prefill = int4_figures(x1, xp, prefill[dtype], dtype)
-            decode.update(int4_decode)
+            int4_run, int4_prefill = int4_figures(inputs, prefill[dtype], dtype)
+            runs.update(int4_run)
             prefill.update(int4_prefill)
+        decode = decode_ms(runs)  # (every candidate's weights held at once: ~1.1 GB for a few seconds)
+        del runs
     int8_kernel = fastest_int8(decode, prefill)
     dtype = dense_dtype(prefill)
     thresholds = {
@@ -133,8 +160,8 @@ def measure() -> KernelChoice:
                           decode_ms={key: round(v, 2) for key, v in decode.items()},
                           prefill_ms={key: round(v, 1) for key, v in prefill.items()},
                           seconds=round(time.perf_counter() - start, 2))
-    log.info("CPU kernels measured in %.1f s: 8-bit on %s; one token per %dx%d matrix (ms) %s; prompts expand "
-             "the weights (to %s) from %s tokens", choice.seconds, int8_kernel, n, k, choice.decode_ms, dtype,
+    log.info("CPU kernels measured in %.1f s: 8-bit on %s; one token through a 6B layer (ms) %s; prompts expand "
+             "the weights (to %s) from %s tokens", choice.seconds, int8_kernel, choice.decode_ms, dtype,
              {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
     return choice
 
@@ -147,58 +174,63 @@ def fastest_int8(decode: dict[str, float], prefill: dict[str, float]) -> str:
                key=lambda k: prefill[f"int8-{k}"])
 
 
-def int8_and_dense_figures(x1: torch.Tensor, xp: torch.Tensor, xd: torch.Tensor) -> tuple[dict, dict]:
-    """int8 on torch's kernel and on each exact int8 GEMM, and the bfloat16 matmul: (decode, prefill) ms."""
-    n, k = SHAPE
-    first = torch.full((n, k), 3, dtype=torch.int8)  # (the values do not change a kernel's speed)
-    int8 = [first] + [first.clone() for _ in range(COPIES - 1)]
-    scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
-    decode = {"int8-torch": median_ms(lambda i: torch.ops.aten._weight_int8pack_mm(x1, int8[i], scales),
-                                      DECODE_TRIES)}
-    prefill = {"int8-torch": prefill_ms(lambda i: torch.ops.aten._weight_int8pack_mm(xp, int8[i], scales))}
+def int8_and_dense_figures(inputs: Inputs) -> tuple[dict, dict]:
+    """int8 on torch's kernel and on each exact int8 GEMM, and the bfloat16 matmul: (decode runs, prefill ms)."""
+    int8 = [torch.full(shape, 3, dtype=torch.int8) for shape in LAYER]  # (the values do not change the speed)
+    scales = [torch.full((n,), 0.01, dtype=torch.bfloat16) for n, _ in LAYER]
+    torch_int8 = list(zip(int8, scales))
+
+    def on_torch(x, weight):
+        return torch.ops.aten._weight_int8pack_mm(x, *weight)
+
+    decode = {"int8-torch": inputs.decode(on_torch, torch_int8)}
+    prefill = {"int8-torch": inputs.prefill(on_torch, torch_int8[-1])}
     for kernel in int8_gemm.usable():
-        packed = [int8_gemm.PackedInt8(kernel, q, scales) for q in int8]
-        decode[f"int8-{kernel}"] = median_ms(lambda i, packed=packed: packed[i](x1), DECODE_TRIES)
-        prefill[f"int8-{kernel}"] = prefill_ms(lambda i, packed=packed: packed[i](xp))
-        del packed
+        packed = packed_layer(kernel, torch_int8)
+        decode[f"int8-{kernel}"] = inputs.decode(lambda x, w: w(x), packed)
+        prefill[f"int8-{kernel}"] = inputs.prefill(lambda x, w: w(x), packed[-1])
     dense = [q.to(torch.bfloat16) for q in int8]
-    decode["bfloat16"] = median_ms(lambda i: F.linear(x1, dense[i]), DECODE_TRIES)
-    prefill["bfloat16"] = prefill_ms(lambda i: F.linear(xd, dense[i]), tries=1)  # (DENSE_ROWS rows)
-    prefill["float32"] = float32_prefill_ms(dense[0], xd)
+    decode["bfloat16"] = inputs.decode(F.linear, dense)
+    prefill["bfloat16"] = inputs.prefill(F.linear, dense[-1], inputs.dense, tries=1)  # (DENSE_ROWS rows)
+    prefill["float32"] = inputs.prefill(F.linear, dense[-1].float(), inputs.dense.float(), tries=1)
     dtype = dense_dtype(prefill)
     if prefill["int8-torch"] / PREFILL_ROWS > prefill[dtype] / DENSE_ROWS:  # else expanding can never pay off
-        prefill["expand-int8"] = prefill_ms(lambda i: int8[i].to(DTYPES[dtype]).mul_(scales[:, None]))
+        q, scale = torch_int8[-1]
+        prefill["expand-int8"] = median_ms(lambda: q.to(DTYPES[dtype]).mul_(scale[:, None]), PREFILL_TRIES)
     return decode, prefill
+
+
+def packed_layer(kernel: str, weights: list) -> list[int8_gemm.PackedInt8]:
+    """The layer's int8 matrices in an int8 GEMM's layout, packed on as many threads as torch uses (FBGEMM packs
+    single-threaded, releasing the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return list(pool.map(lambda w: int8_gemm.PackedInt8(kernel, *w), weights))
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def float32_prefill_ms(weight: torch.Tensor, x: torch.Tensor) -> float:
-    """CPUs without bfloat16 units (plain AVX2) multiply float32 faster than bfloat16."""
-    wide, x = weight.float(), x.float()
-    return prefill_ms(lambda i: F.linear(x, wide), tries=1)
-
-
 def dense_dtype(prefill: dict[str, float]) -> str:
-    """The dtype whose matmul runs prompt rows faster here."""
+    """The dtype whose matmul runs prompt rows faster here (float32 on CPUs without bfloat16 units)."""
     return "float32" if prefill.get("float32", math.inf) < prefill["bfloat16"] else "bfloat16"
 
 
-def int4_figures(x1: torch.Tensor, xp: torch.Tensor, dense_prefill_ms: float, dtype: str) -> tuple[dict, dict]:
-    """torch's int4 kernel: (decode, prefill) ms, with the expansion where the matmul is faster per row."""
-    n, k = SHAPE
-    first = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((n, k), 7, dtype=torch.int32), 1)
-    packed = [first] + [first.clone() for _ in range(COPIES - 1)]
-    scales_zeros = torch.full((k // cpu_quant.GROUP, n, 2), 0.01, dtype=torch.bfloat16)
+def int4_figures(inputs: Inputs, dense_prefill_ms: float, dtype: str) -> tuple[dict, dict]:
+    """torch's int4 kernel: (decode run, prefill ms), with the expansion where the matmul is faster per row."""
+    weights = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full(shape, 7, dtype=torch.int32), 1),
+                torch.full((shape[1] // cpu_quant.GROUP, shape[0], 2), 0.01, dtype=torch.bfloat16))
+               for shape in LAYER]
 
-    def int4(x, i):
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[i], cpu_quant.GROUP, scales_zeros)
+    def int4(x, weight):
+        packed, scales_zeros = weight
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, cpu_quant.GROUP, scales_zeros)
 
-    decode = {"int4": median_ms(lambda i: int4(x1, i), DECODE_TRIES)}
-    prefill = {"int4": prefill_ms(lambda i: int4(xp, i))}
+    decode = {"int4": inputs.decode(int4, weights)}
+    prefill = {"int4": inputs.prefill(int4, weights[-1])}
     cheaper = prefill["int4"] / PREFILL_ROWS > dense_prefill_ms / DENSE_ROWS
     if cheaper and cpu_quant.int4_block_rows() is not None:
-        prefill["expand-int4"] = prefill_ms(lambda i: cpu_quant.dequantize_int4(packed[i], scales_zeros)
-                                            .to(DTYPES[dtype]))
+        prefill["expand-int4"] = median_ms(lambda: cpu_quant.dequantize_int4(*weights[-1]).to(DTYPES[dtype]),
+                                           PREFILL_TRIES)
     return decode, prefill

@@ -166,7 +166,7 @@ def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
     name = max((n for n, ms in speeds.items() if ms <= 1.1 * fastest), key=lambda n: PROFILES[n].bits)
     measured = ", ".join(f"{PROFILES[n].bits}-bit {ms:.1f} ms" for n, ms in speeds.items())
     return name, (f"no CUDA GPU: CPU with {PROFILES[name].bits}-bit weights, the fastest that fits {ram} "
-                  f"(one token per 6B matrix: {measured})")
+                  f"(one token through a 6B layer: {measured})")
 
 
 def _dtype(asked: str, device: str, hardware: Hardware) -> str:
