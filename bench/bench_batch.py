@@ -174,12 +174,14 @@ def restart(loaded, context_tokens: int, reply: int) -> dict:
     """The next turn of a `context_tokens`-token conversation: its TTFT after a restart (a new engine, its memory
     tier empty, its disk tier holding the first turn) against a warm continuation (another next turn on the same
     engine: the memory tier holds the conversation) and against no cache at all (the first turn's own TTFT)."""
+    import shutil
     import tempfile
 
     from server.engine.budget import GenerationRequest
 
     with tempfile.TemporaryDirectory() as folder:
-        here = dataclasses.replace(loaded, path=Path(folder))  # the disk tier lives in the model folder
+        here = dataclasses.replace(loaded, path=Path(folder))  # the disk tier lives in the model folder,
+        shutil.copy(loaded.path / "config.json", folder)  # named after its files (config.json among them)
         first_turn = GenerationRequest(query=question(0, loaded.tokenizer, tokens=context_tokens),
                                        max_new_tokens=reply, **GREEDY)
         engine = engine_for(here, max_batch=1, prompt_cache_mb=1024, prompt_cache_disk_mb=2048)
@@ -195,6 +197,7 @@ def restart(loaded, context_tokens: int, reply: int) -> dict:
         restarted = engine_for(here, max_batch=1, prompt_cache_mb=1024, prompt_cache_disk_mb=2048)
         after = next_turn(restarted, 1)
         warm = next_turn(restarted, 2)
+        restarted.prefix_cache.disk.flush()
         restarted.close()
     return {"prompt": after.prompt_tokens, "cold": first.first_token_seconds,
             "restart": after.first_token_seconds, "restart cached": after.cached_tokens,
