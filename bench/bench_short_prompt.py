@@ -18,11 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cpu_model  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    cpu_model.add_options(parser)
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 20, 32, 64])
     args = parser.parse_args()
     import torch
@@ -30,12 +31,9 @@ def main() -> None:
 
     from server.model.cpu_quant import QuantizedLinear
     from server.model.forward import prefill
-    from server.model.loader import load_model
-    from server.model.profiles import Plan
 
-    loaded = load_model(args.dir, Plan("cpu", args.bits, "bfloat16", 8192, "bench", "bench"))
+    loaded = cpu_model.load(args)
     model, tok = loaded.model, loaded.tokenizer
-    print("loader's choice:", {k: v for k, v in loaded.cpu_kernels.items() if k != "measured"}, flush=True)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     chosen = [layer.dense_from_tokens for layer in layers]
     text = tok.sp.encode("你好，请介绍一下北京的名胜古迹和历史。" * 40)

@@ -17,12 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cpu_model  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    parser.add_argument("--int8", choices=("auto", "torch", "fbgemm", "onednn"), default="auto")
+    cpu_model.add_options(parser)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
@@ -32,13 +32,9 @@ def main() -> None:
 
     from server.model.cpu_quant import QuantizedLinear
     from server.model.forward import decode_one_token, prefill
-    from server.model.loader import load_model
-    from server.model.profiles import Plan
 
-    plan = Plan("cpu", args.bits, "bfloat16", 8192, "bench", "bench", backend="torch", int8_kernel=args.int8)
-    loaded = load_model(args.dir, plan)
+    loaded = cpu_model.load(args)
     model, tok = loaded.model, loaded.tokenizer
-    print("kernels:", {k: v for k, v in loaded.cpu_kernels.items() if k != "measured"}, flush=True)
     ids = (tok.prompt_prefix() + tok.sp.encode("北京是中国的首都。Beijing is old. " * 400))[:args.context]
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     spent = {"linear": 0.0}

@@ -18,9 +18,9 @@ DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
 RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
 # Prompt tokens run between two decode steps while other replies stream (chunked prefill). On a CPU each prompt
 # row costs a third to a fifth of a decode step (AMD Zen 4, 2 cores): 64-token chunks paused the other streams
-# 8.6 s each at 4-bit (docs/performance.md); 16 keep a pause to a few steps' time. On a GPU (an H200, docs/performance.md) a 2,000-token prompt whole
-# paused the other streams no longer than in 512-token chunks and reached its first token 2-3x sooner: chunks
-# there start at 2,048 tokens.
+# 8.6 s each at 4-bit (docs/performance.md); 16 keep a pause to ~2.5 s. On a GPU (an H200, docs/performance.md)
+# a 2,000-token prompt whole paused the other streams no longer than in 512-token chunks and reached its first
+# token 2-3x sooner: chunks there start at 2,048 tokens.
 DEFAULT_PREFILL_CHUNK = {"cpu": 16, "cuda": 2048}
 # The most prompt tokens one forward pass runs, also with nothing else decoding: a whole 32k prompt in one pass
 # needs ~4 GB of activations beside the model (the MLP's intermediates grow with its length); in pieces of
