@@ -80,14 +80,14 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--offline", "--no-chatlog",
                                  "--model-dir", str(tiny_checkpoint), "--quantize", "16", "--dtype", "float32",
-                                 "--max-context", "4096", "--max-batch", "2", "--prompt-cache-disk-mb", "0"],
+                                 "--max-context", "32768", "--max-batch", "2", "--prompt-cache-disk-mb", "0"],
                                 cwd=root, env=os.environ, stdout=out, stderr=out)
         try:
             assert wait_until_ready(url), log.read_text()
             ends, started = [], threading.Semaphore(0)
 
             def stream():
-                ends.append(last_stream_event(url, {"query": "hi", "max_length": 4000, "temperature": 0}, started))
+                ends.append(last_stream_event(url, {"query": "hi", "max_length": 32000, "temperature": 0}, started))
 
             clients = [threading.Thread(target=stream) for _ in range(3)]  # 2 running, 1 queued
             for client in clients:
@@ -130,7 +130,7 @@ def windows_closes_the_console():
     ends, started = [], threading.Semaphore(0)
 
     def stream():
-        last = last_stream_event(url, {"query": "hi", "max_length": 4000}, started)
+        last = last_stream_event(url, {"query": "hi", "max_length": 32000}, started)
         ends.append(json.loads(last[6:]).get("finish_reason"))
 
     clients = [threading.Thread(target=stream) for _ in range(3)]
@@ -149,7 +149,7 @@ def windows_closes_the_console():
 
 threading.Thread(target=windows_closes_the_console, daemon=True).start()
 run.run_server(Settings(port=int(sys.argv[3]), offline=True, model_dir=Path(sys.argv[2]), quantize=16, dtype="float32",
-                        max_context=4096, max_batch=2, prompt_cache_disk_mb=0, chatlog=False, open_browser=False))
+                        max_context=32768, max_batch=2, prompt_cache_disk_mb=0, chatlog=False, open_browser=False))
 time.sleep(1)  # (the handler's thread prints its result)
 '''
 

@@ -111,6 +111,7 @@ class PackedInt8:
         self.packed = PACK[kernel](weight_int8, scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()  # (the GEMMs have no gradient; a model called outside no_grad still infers)
         if x.shape[0] <= ROWS:
             return self.rows(x)
         return torch.cat([self.rows(part) for part in x.split(ROWS)])
