@@ -201,12 +201,9 @@ def int8_and_dense_figures(inputs: Inputs) -> tuple[dict, dict]:
 
 
 def packed_layer(kernel: str, weights: list) -> list[int8_gemm.PackedInt8]:
-    """The layer's int8 matrices in an int8 GEMM's layout, packed on as many threads as torch uses (FBGEMM packs
-    single-threaded, releasing the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        return list(pool.map(lambda w: int8_gemm.PackedInt8(kernel, *w), weights))
+    """The layer's int8 matrices in an int8 GEMM's layout (~1 s for FBGEMM's, on this thread: the measurement
+    runs in every start, also of servers that never use it)."""
+    return [int8_gemm.PackedInt8(kernel, *w) for w in weights]
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
