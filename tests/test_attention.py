@@ -1,5 +1,6 @@
-"""One decoding token's attention on the CPU as matmuls (server/model/attention.py): SDPA's result, and the
-model's decode steps take it."""
+"""Attention's CPU shortcuts (server/model/attention.py): one decoding row as matmuls gives SDPA's result, a
+prompt chunk on the stacked KV heads gives SDPA's result bit for bit, and the model's decode steps and prompt
+chunks take them."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from server.model import attention
+from server.model.attention import sdpa_attention_forward
 from server.model.forward import decode_one_token, prefill
 
 
@@ -22,20 +24,44 @@ def test_decode_attention_is_sdpas_result(dtype, tolerance, keys):
     gen = torch.Generator().manual_seed(keys)
     query = torch.randn(2, 32, 1, 128, generator=gen).to(dtype)
     key, value = (torch.randn(2, 2, keys, 128, generator=gen).to(dtype) for _ in range(2))
-    got, _ = attention.decode_attention(Layer(), query, key, value, None, scaling=0.0884)
+    got, _ = attention.cpu_attention(Layer(), query, key, value, None, scaling=0.0884)
     expected = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=0.0884,
                                               enable_gqa=True).transpose(1, 2)
     assert got.shape == (2, 1, 32, 128) and got.dtype == dtype
     assert (got.float() - expected).abs().max() < tolerance
 
 
-def test_prompts_and_masked_rows_still_go_to_sdpa(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, keys", [(4, 40), (16, 16), (16, 2000), (100, 300)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "per head"])
+def test_a_chunk_over_a_cache_is_sdpas_result_bit_for_bit(dtype, rows, keys, mask_kind):
+    """The rows of a prompt chunk after `keys - rows` cached tokens, each seeing the keys up to its own position:
+    the same as transformers' SDPA path (KV heads repeated per query head), to the bit."""
+    gen = torch.Generator().manual_seed(rows * keys)
+    query = torch.randn(1, 32, rows, 128, generator=gen).to(dtype)
+    key, value = (torch.randn(1, 2, keys, 128, generator=gen).to(dtype) for _ in range(2))
+    allowed = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)[None, None]
+    mask = {"bool": allowed, "float": torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf")),
+            "per head": allowed.expand(1, 32, rows, keys)}[mask_kind]
+    got, _ = attention.cpu_attention(Layer(), query, key, value, mask, scaling=0.0884)
+    expected, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.0884)
+    assert got.shape == (1, rows, 32, 128) and got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+def test_whole_prompts_and_masked_batches_still_go_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or (a[1], None))
-    key = value = torch.randn(1, 2, 8, 128)
-    attention.decode_attention(Layer(), torch.randn(1, 32, 5, 128), key, value, None)  # a prompt
-    attention.decode_attention(Layer(), torch.randn(1, 32, 1, 128), key, value, torch.ones(1, 1, 1, 8).bool())
-    assert calls == [(1, 32, 5, 128), (1, 32, 1, 128)]
+    key = value = torch.randn(1, 2, 80, 128)
+    attention.cpu_attention(Layer(), torch.randn(1, 32, 5, 128), key, value, None)  # a prompt: causal, no mask
+    two = torch.randn(2, 2, 80, 128)
+    attention.cpu_attention(Layer(), torch.randn(2, 32, 1, 128), two, two, torch.ones(2, 1, 1, 80).bool())
+    attention.cpu_attention(Layer(), torch.randn(2, 32, 3, 128), two, two, torch.ones(2, 1, 3, 80).bool())
+    attention.cpu_attention(Layer(), torch.randn(1, 32, 3, 128), key, value, torch.ones(1, 1, 3, 80).bool())
+    assert calls == [(1, 32, 5, 128), (2, 32, 1, 128), (2, 32, 3, 128), (1, 32, 3, 128)]
+    attention.cpu_attention(Layer(), torch.randn(1, 32, 16, 128), key, value, torch.ones(1, 1, 16, 80).bool())
+    attention.cpu_attention(Layer(), torch.randn(1, 32, 1, 128), key, value, None)
+    assert len(calls) == 4  # a chunk and a decoding row took the shortcuts
 
 
 def test_a_decode_step_of_the_model_takes_the_matmuls_and_computes_the_same(tiny_model, monkeypatch):
@@ -51,7 +77,28 @@ def test_a_decode_step_of_the_model_takes_the_matmuls_and_computes_the_same(tiny
                             lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
         fast = decode_one_token(model, token, cache)
         assert sdpa_calls == []  # every layer took the matmuls
-        monkeypatch.setattr(attention, "decode_attention", lambda module, q, k, v, mask, **kw: real_sdpa(
+        monkeypatch.setattr(attention, "cpu_attention", lambda module, q, k, v, mask, **kw: real_sdpa(
             module, q, k, v, mask, **kw))
         slow = decode_one_token(model, token, again)
     assert torch.allclose(fast, slow, atol=1e-4)
+
+
+def test_a_prompt_chunk_after_a_cache_takes_the_stacked_heads_and_computes_the_same(tiny_model, monkeypatch):
+    """As the engine runs a prompt that joins a decoding batch: its first chunk whole, the next over the cache."""
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    ids = tok.build_prompt("hello world 你好, a prompt long enough for two chunks of it", [])
+    first, rest = ids[:8], ids[8:24]
+    real_sdpa = attention.sdpa_attention_forward
+    with torch.inference_mode():
+        cache, again = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        prefill(model, first, cache)
+        prefill(model, first, again)
+        sdpa_calls = []
+        monkeypatch.setattr(attention, "sdpa_attention_forward",
+                            lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+        fast = prefill(model, rest, cache)
+        assert sdpa_calls == []  # every layer took the stacked heads
+        monkeypatch.setattr(attention, "cpu_attention", lambda module, q, k, v, mask, **kw: real_sdpa(
+            module, q, k, v, mask, **kw))
+        slow = prefill(model, rest, again)
+    assert torch.equal(fast, slow)
