@@ -54,7 +54,7 @@ def run_server(settings: Settings) -> int:
     stop_on_terminate()
     console_handler = stop_on_console_close(stopped)  # (kept referenced while the server runs)
     try:
-        server.run()
+        serve_until_interrupted(server)
     except KeyboardInterrupt:
         log.info("停止中 / stopping: running replies end as interrupted")
         engine.close()
@@ -64,6 +64,16 @@ def run_server(settings: Settings) -> int:
         stopped.set()
     del console_handler
     return 0
+
+
+def serve_until_interrupted(server) -> None:
+    """waitress's event loop, which KeyboardInterrupt leaves. waitress's own run() catches it and then waits up to
+    5 s for its request threads, but a streaming reply's thread only ends once the engine ends the reply, which
+    the caller does after: every stop took those 5 s, the replies' final events were left unsent, and Windows
+    ends a process 5 s after its console closes."""
+    from waitress import wasyncore
+
+    wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map, use_poll=server.adj.asyncore_use_poll)
 
 
 def stop_on_terminate() -> None:
@@ -107,7 +117,7 @@ def on_console_close(stopped: threading.Event, wait: float = CONSOLE_CLOSE_WAIT)
     until the replies have ended and been flushed (Windows ends it when the handler returns)."""
     _thread.interrupt_main()
     stopped.wait(wait)
-    return True
+    return True  # (handled: Windows ends the process now)
 
 
 def flush(server, seconds: float = 3.0) -> None:

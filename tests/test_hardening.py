@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from server.config import Settings, UserError
-from server.run import run_server
+from server.run import CONSOLE_CLOSE_WAIT, run_server
 from tests.live import last_stream_event, wait_until_ready
 
 
@@ -107,7 +107,8 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
     assert len(ends) == 3 and all(end is not None for end in ends), log.read_text()
     finishes = [json.loads(end[6:]).get("finish_reason") for end in ends]
     assert finishes == ["interrupted"] * 3, (finishes, log.read_text()[-2000:])
-    assert took < 10 and proc.returncode == 0
+    assert took < 5 and proc.returncode == 0  # (waitress's own stop waited 5 s for the streaming threads)
+    assert "stopping: running replies end as interrupted" in log.read_text()
     assert "Traceback" not in log.read_text()
 
 
@@ -177,4 +178,4 @@ def test_closing_the_windows_console_ends_streams_like_ctrl_c(tmp_path, tiny_che
     assert line, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(line[7:])
     assert result["returned"] is True and result["ends"] == ["interrupted"] * 3, result
-    assert result["held"] < 4.5 and out.returncode == 0
+    assert result["held"] < CONSOLE_CLOSE_WAIT and out.returncode == 0  # stopped in time, not let go by the wait
