@@ -166,7 +166,9 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
     for job in others:
         job.cancel()
     engine.close()
-    return {"chunk": chunk, "step": step, "longest": max(pauses), "ttft": long_job.result.first_token_seconds,
+    longest = max(pauses)
+    return {"chunk": chunk, "step": step, "longest": longest, "ttft": long_job.result.first_token_seconds,
+            "median pause": statistics.median(pauses), "longest at": f"{pauses.index(longest) + 1}/{len(pauses)}",
             "chunk alone": chunk_alone, "last chunk": last_chunk,
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
 
@@ -314,15 +316,16 @@ def main() -> None:
         from server.engine.sizing import DEFAULT_PREFILL_CHUNK
 
         print(f"\n4. a {args.gap_tokens}-token prompt joins 3 decoding streams:")
-        print("| prefill chunk | normal step | longest pause | first chunk alone | last chunk alone "
-              "| pause ÷ (2 steps + last chunk) | prompt TTFT | stream tok/s meanwhile |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| prefill chunk | normal step | longest pause (which of all) | median pause | first chunk alone "
+              "| last chunk alone | longest ÷ (2 steps + last chunk) | prompt TTFT | stream tok/s meanwhile |")
+        print("|---|---|---|---|---|---|---|---|---|")
         chunk = DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
         for size in (chunk, args.gap_tokens):
             r = gap(loaded, size, args.gap_tokens)
             limit = 2 * r["step"] + (r["last chunk"] or r["chunk alone"])  # the whole prompt: one chunk
             print(f"| {'whole prompt' if size == args.gap_tokens else size} | {r['step'] * 1000:.0f} ms | "
-                  f"{r['longest'] * 1000:.0f} ms | {r['chunk alone'] * 1000:.0f} ms | "
+                  f"{r['longest'] * 1000:.0f} ms ({r['longest at']}) | {r['median pause'] * 1000:.0f} ms | "
+                  f"{r['chunk alone'] * 1000:.0f} ms | "
                   f"{r['last chunk'] * 1000:.0f} ms | {r['longest'] / limit:.2f} | "
                   f"{r['ttft']:.2f} s | {r['stream tok/s during']:.2f} |")
         print(peak_gib())
