@@ -287,8 +287,10 @@ def main() -> None:
         bandwidth, gflops = bandwidth_gbs(), matmul_gflops()  # probes right before, in the same run
         r = run_worker(["--dir", str(args.dir), "--worker", config, "--tokens", str(args.tokens),
                         "--prompt-tokens", str(args.prompt_tokens)])
+        after = bandwidth_gbs()  # and right after: a shared host's bandwidth moves by 30 % within minutes
         r.update(converted)
-        r.update(bandwidth_gbs=bandwidth, matmul_gflops=gflops)
+        r.update(bandwidth_gbs=(bandwidth + after) / 2, bandwidth_probes_gbs=[round(bandwidth, 1), round(after, 1)],
+                 matmul_gflops=gflops)
         results.append(r)
         print_result(r)
     for spec in args.gguf:
@@ -322,7 +324,8 @@ def print_result(r: dict) -> None:
           f"{r['steady_mem']['rss_gb']:.1f} GB, anon {r['steady_mem']['anon_gb']:.1f}\n"
           f"    TTFT first {r['first_ttft_s']:.2f} s, later {r['later_ttft_s']:.2f} s; decode "
           f"{r['decode_tps']:.2f} tok/s = {r['decode_tps'] / limit:.2f} of the bandwidth limit ({limit:.1f} tok/s "
-          f"at {r['bandwidth_gbs']:.1f} GB/s, {r['bytes_per_token'] / 1e9:.2f} GB/token); prefill "
+          f"at {r['bandwidth_gbs']:.1f} GB/s, the mean of {r.get('bandwidth_probes_gbs')} before and after; "
+          f"{r['bytes_per_token'] / 1e9:.2f} GB/token); prefill "
           f"{r['prefill_tps']:.1f} tok/s = {prefill_gflops:.0f} GFLOPS = {prefill_gflops / r['matmul_gflops']:.2f} "
           f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}\n"
           f"    kernels {r['cpu_kernels']}; decode step {r['step_ms']:.0f} ms; a prompt of M tokens (ms): "
