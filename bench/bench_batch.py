@@ -15,8 +15,9 @@ The checkpoint is bench_cpu.py's (written when missing). Three measurements:
    aggregate tokens/s over the time all decode, and each stream's own tokens/s, against one stream alone.
 3. A job arriving while 3 others decode: its time to first token against its own prefill time alone plus the
    decode step time of the batch.
-4. Chunked prefill (`gap`): a 2,000-token prompt joins 3 decoding streams; the longest pause between two tokens of
-   a running stream against its normal step, with the prompt in chunks and in one piece, and the throughput.
+4. Chunked prefill (`gap`): a 2,000-token prompt joins 3 decoding streams; the longest and the median pause
+   between two tokens of a running stream against its normal step and the prompt's last chunk alone (over a
+   cache of the rest, where a chunk costs most), with the prompt in chunks and in one piece, and the throughput.
 5. Features (`features`): one stream's decode tok/s plain, under a JSON schema (the grammar's mask each token)
    and with logprobs (top 5), against the plain figure.
 6. Restart (`restart`, not run by default): the next turn of a 4,000-token conversation after a restart (the
