@@ -84,6 +84,9 @@ def activation_bits(kernel: str) -> int | None:
     """The widest activations `kernel` sums exactly on this CPU: 8, 7 or None (absent from this torch, or exact at
     neither). The probe multiplies 64 activations at the top of the range by weights of 127: int16 pair sums
     overflow at 8 bits without VNNI and come back ~50 % off; a real model's layers were ~6 % off (AMD Zen 3)."""
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        # (asking anyway throws a C++ exception through torch; under wine that later crashed the process)
+        return None
     k = 64
     try:
         packed = PACK[kernel](torch.full((1, k), 127, dtype=torch.int8), torch.ones(1))
