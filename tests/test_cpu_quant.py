@@ -269,3 +269,17 @@ def test_bitsandbytes_4bit_on_the_cpu_loads_a_pre_quantized_cache_equal_to_quant
         assert torch.equal(cached.model(ids).logits, on_the_fly(ids).logits)
     monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", lambda *a, **k: pytest.fail("quantized again"))
     load_model(tiny_checkpoint, plan)  # a later start reads the cache as it is
+
+
+def test_fbgemm_is_not_asked_for_where_torch_does_not_list_it(monkeypatch):
+    """Where torch's quantized engines lack FBGEMM (the Windows wheel under wine), setting the engine throws a
+    C++ exception through torch, after which wine crashed the process: the probe must not ask at all."""
+    packs = []
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["onednn"])
+    monkeypatch.setitem(int8_gemm.PACK, "fbgemm", lambda *args: packs.append(args))
+    int8_gemm.activation_bits.cache_clear()
+    try:
+        assert int8_gemm.activation_bits("fbgemm") is None and packs == []
+        assert "fbgemm" not in int8_gemm.usable()
+    finally:
+        int8_gemm.activation_bits.cache_clear()
