@@ -1,5 +1,5 @@
 """Attention's CPU shortcuts (server/model/attention.py): one decoding row as matmuls gives SDPA's result, a
-prompt chunk on the stacked KV heads gives SDPA's result bit for bit, and the model's decode steps and prompt
+prompt chunk on the stacked KV heads gives SDPA's result to its rounding, and the model's decode steps and prompt
 chunks take them."""
 
 import pytest
@@ -34,9 +34,11 @@ def test_decode_attention_is_sdpas_result(dtype, tolerance, keys):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, keys", [(4, 40), (16, 16), (16, 2000), (100, 300)])
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "per head"])
-def test_a_chunk_over_a_cache_is_sdpas_result_bit_for_bit(dtype, rows, keys, mask_kind):
+def test_a_chunk_over_a_cache_is_sdpas_result(dtype, rows, keys, mask_kind):
     """The rows of a prompt chunk after `keys - rows` cached tokens, each seeing the keys up to its own position:
-    the same as transformers' SDPA path (KV heads repeated per query head), to the bit."""
+    transformers' SDPA path (KV heads repeated per query head) to its rounding. Bit for bit on a Zen 4; on a
+    Sapphire Rapids SDPA's kernel rounds by the number of rows it blocks (float32 within 1e-6, bfloat16 one
+    unit in the last place in a few values), so the bound is one rounding, far below what a wrong mask moves."""
     gen = torch.Generator().manual_seed(rows * keys)
     query = torch.randn(1, 32, rows, 128, generator=gen).to(dtype)
     key, value = (torch.randn(1, 2, keys, 128, generator=gen).to(dtype) for _ in range(2))
@@ -46,7 +48,11 @@ def test_a_chunk_over_a_cache_is_sdpas_result_bit_for_bit(dtype, rows, keys, mas
     got, _ = attention.cpu_attention(Layer(), query, key, value, mask, scaling=0.0884)
     expected, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.0884)
     assert got.shape == (1, rows, 32, 128) and got.dtype == dtype
-    assert torch.equal(got, expected)
+    one_rounding = {torch.float32: dict(atol=4e-6, rtol=4e-6), torch.bfloat16: dict(atol=1e-5, rtol=2 ** -7)}
+    torch.testing.assert_close(got, expected, **one_rounding[dtype])
+    # the mask matters: without it every row would see every key, far outside that bound
+    unmasked, _ = sdpa_attention_forward(Layer(), query, key, value, None, scaling=0.0884, is_causal=False)
+    assert not torch.allclose(got, unmasked, **one_rounding[dtype])
 
 
 def test_whole_prompts_and_masked_batches_still_go_to_sdpa(monkeypatch):

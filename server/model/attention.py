@@ -7,8 +7,9 @@ the weights), a 16-row prompt chunk ~8-13 ms a layer at 2,000 keys. So on the CP
 - one decoding row: two float32 matmuls per KV head with its query heads stacked as rows (SDPA's accumulation),
   0.06 ms at 64 keys, 0.8 ms at 4,000;
 - rows with a mask (a prompt chunk over the cache): SDPA on the KV heads themselves, each one's query heads
-  stacked as rows and the mask repeated to match: the same kernel on the same numbers, so bit-identical, in less
-  than half the time (16 rows over 2,000 keys: 3.9 ms against 8.4).
+  stacked as rows and the mask repeated to match: the same kernel on the same numbers (bit-identical on a Zen 4,
+  within one rounding where the kernel rounds by its row blocks), in less than half the time (16 rows over
+  2,000 keys: 3.9 ms against 8.4).
 Whole prompts from the start (causal, no mask) stay on SDPA's causal kernel.
 """
 
@@ -21,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 ATTENTION = "chatglm2_rows"
-STACKED_MIN_ROWS = 4  # with 2-3 rows SDPA takes another inner path for the stacked rows: not bit-identical
+STACKED_MIN_ROWS = 4  # with 2-3 rows SDPA takes another inner path for the stacked rows (not bit-identical on Zen 4)
 
 
 def cpu_attention(module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
