@@ -126,16 +126,21 @@ def test_cpu_backend_follows_the_setting_and_the_measurements(asked, bits, expec
     assert plan_for(Settings(cpu_kernels=asked), gpu).backend == "bnb"  # the setting is about the CPU only
 
 
-def kernels(int8: float, int4: float, bf16: float = 20.0) -> KernelChoice:
-    """Measured speeds (ms for one token through a layer) as cpu_kernels.measure() reports them."""
-    return KernelChoice(int8="torch", dense_from_tokens={8: 32, 4: 128},
-                        decode_ms={"int8-torch": int8, "int4": int4, "bfloat16": bf16})
+def kernels(int8: float, int4: float, bf16: float = 20.0, prompts: tuple[float, float] | None = None) -> KernelChoice:
+    """Measured speeds as cpu_kernels.measure() reports them: ms for one token through a layer, and for a prompt
+    through one matrix at (8, 4) bits."""
+    return KernelChoice(int8="onednn", dense_from_tokens={8: 32, 4: 128},
+                        decode_ms={"int8-onednn": int8, "int4": int4, "bfloat16": bf16},
+                        prefill_ms={} if prompts is None else {"int8-onednn": prompts[0], "int4": prompts[1]})
 
 
 @pytest.mark.parametrize("platform, speeds, ram_gib, profile", [
     ("linux", kernels(5.0, 5.2), 15.7, "mid"),  # plain AVX2 (Zen 3): 8-bit as fast as 4-bit, better quality
     ("linux", kernels(5.0, 4.8), 15.7, "mid"),  # within 10 %: more bits
     ("linux", kernels(10.0, 5.0), 15.7, "low"),  # int8 kernel twice as slow: 4-bit
+    ("linux", kernels(8.5, 6.6, prompts=(4.6, 26.6)), 15.7, "mid"),  # AMX Xeon: 4-bit decodes faster, prompts 6x slower
+    ("linux", kernels(8.5, 6.6, prompts=(27.0, 26.6)), 15.7, "low"),  # 4-bit faster at both
+    ("linux", kernels(8.5, 6.6, prompts=(4.6, 26.6)), 8, "low"),  # 8-bit does not fit
     ("linux", kernels(5.0, 5.2), 8, "low"),  # 8-bit does not fit
     ("linux", kernels(5.0, 5.2, bf16=5.1), 64, "high"),  # bfloat16 as fast, RAM for it
     ("win32", kernels(5.0, 20.0), 12, "mid"), ("win32", kernels(5.0, 20.0), 8, "low"),

@@ -7,8 +7,9 @@ matmuls are fast with AMX or
 AVX512-BF16 and ~3x slower than torch's int8 kernel on plain AVX2, where expanding int8 weights to bfloat16 for a
 prompt only costs time. So each candidate is timed on the real thing, each figure the median of several tries:
 
-- decode: one token through the matrices of one ChatGLM2-6B layer, all six of their shapes (204 M weights, well
-  past any CPU's last-level cache, so no weight is served from it), on each kernel (int8 on torch's kernel, on
+- decode: one token through the matrices of one ChatGLM2-6B layer, all six of their shapes (204 M weights; the
+  candidates run in interleaved rounds, so between two runs of one the others pass 0.7 GB or more through the cache,
+  more than a server CPU's last level holds: 300 MiB on an Emerald Rapids), on each kernel (int8 on torch's kernel, on
   FBGEMM's and oneDNN's GEMMs where exact, int4, and the bfloat16 matmul): lets `auto` pick the fastest precision
   that fits the RAM. (One MLP-sized matrix measured alone ranked int4 ahead of FBGEMM's int8 by 20 %; in the
   model FBGEMM's 8-bit decoded faster: the small K/V matrices and the 13,696-wide one weigh in.);
@@ -66,6 +67,10 @@ class KernelChoice:
         """The chosen kernel's time per layer for one token at this precision (16: the bfloat16 matmul)."""
         key = {8: f"int8-{self.int8}", 4: "int4", 16: "bfloat16"}[bits]
         return self.decode_ms.get(key)
+
+    def prompt_ms_at(self, bits: int) -> float | None:
+        """The chosen kernel's time for PREFILL_ROWS prompt tokens through PROMPT_MATRIX (4 and 8 bits)."""
+        return self.prefill_ms.get({8: f"int8-{self.int8}", 4: "int4"}.get(bits, ""))
 
     def as_dict(self) -> dict:
         """What /health shows."""
