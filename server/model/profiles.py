@@ -148,7 +148,7 @@ def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
     """The fastest precision at decoding that fits the RAM, by the kernels' measured speed on this CPU
     (cpu_kernels.py); within 10 % of the fastest, more bits win (closer to the model as trained). 4-bit, which
     costs the most quality, only where it is also faster than 8-bit at prompts: on an AMX Xeon and a Zen 4 it
-    decodes ~20 % faster but runs a short prompt 2-6x slower (a first token 2 s later). With 8-bit
+    decodes ~20 % faster but answers a short prompt 2-5x later. With 8-bit
     holding 7 GB, a "16 GB" PC (15.7 GiB) qualifies; Windows PCs with less RAM still get 8-bit, which was faster
     than torch's Windows int4 kernel on every CPU measured. Without a measurement: 8-bit where it fits."""
     ram_gib = hardware.ram_bytes / GIB
