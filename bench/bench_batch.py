@@ -1,7 +1,7 @@
 """The prefix cache and continuous batching on the full-size model, through the engine, in one run.
 
-    python bench/bench_batch.py --dir /data/bench-full                    # the CPU default (4-bit NF4)
-    python bench/bench_batch.py --dir /data/bench-full --config torch-8   # another backend
+    python bench/bench_batch.py --dir /data/bench-full                    # 8-bit, the CPU default where it fits
+    python bench/bench_batch.py --dir /data/bench-full --config torch-4   # another backend
     python bench/bench_batch.py --dir /data/bench-full --layers 4         # a quick slice of the same shape
     python bench/bench_batch.py --dir /data/bench-full --config cuda-8    # a GPU profile (cuda-16/-8/-4)
 
@@ -158,6 +158,7 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
     watch(8)  # updates coalesce while nobody reads: the first ones come at once, with several tokens
     step = (stamps[-1][0] - stamps[3][0]) / (stamps[-1][1] - stamps[3][1])  # per token, after the backlog
     before = len(stamps)
+    submitted = time.perf_counter()
     long_job = engine.submit(GenerationRequest(query=long_query, max_new_tokens=8, **GREEDY))
     while long_job.result is None:
         watch(1)
@@ -168,8 +169,13 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
         job.cancel()
     engine.close()
     longest = max(pauses)
+    first_token = submitted + long_job.result.first_token_seconds
+    prompt_pauses = sum(1 for t, _ in stamps[before:] if t <= first_token)  # those while the prompt ran
+    top = sorted(range(len(pauses)), key=pauses.__getitem__)[-3:][::-1]
     return {"chunk": chunk, "step": step, "longest": longest, "ttft": long_job.result.first_token_seconds,
-            "median pause": statistics.median(pauses), "longest at": f"{pauses.index(longest) + 1}/{len(pauses)}",
+            "median pause": statistics.median(pauses),
+            "longest at": (f"{pauses.index(longest) + 1}/{len(pauses)}, the prompt's first token at {prompt_pauses}; "
+                           "next: " + ", ".join(f"{pauses[i] * 1000:.0f} ms at {i + 1}" for i in top[1:])),
             "chunk alone": chunk_alone, "last chunk": last_chunk,
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
 
@@ -263,7 +269,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True, help="the bench checkpoint (written when missing)")
     parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--config", default="bnb-4", help="bnb-4 (the CPU default), torch-8, torch-4, dense-16")
+    parser.add_argument("--config", default="torch-8", help="torch-8 (the CPU default where it fits), torch-4, "
+                                                             "bnb-4, dense-16, cuda-16/-8/-4")
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--reply", type=int, default=48, help="reply tokens per chat turn")
     parser.add_argument("--stream-tokens", type=int, default=32)
