@@ -140,6 +140,7 @@ def kernels(int8: float, int4: float, bf16: float = 20.0, prompts: tuple[float, 
     ("linux", kernels(10.0, 5.0), 15.7, "low"),  # int8 kernel twice as slow: 4-bit
     ("linux", kernels(8.5, 6.6, prompts=(4.6, 26.6)), 15.7, "mid"),  # AMX Xeon: 4-bit decodes faster, prompts 6x slower
     ("linux", kernels(8.5, 6.6, prompts=(27.0, 26.6)), 15.7, "low"),  # 4-bit faster at both
+    ("linux", kernels(10.0, 5.0, prompts=(4.6, 26.6)), 15.7, "low"),  # 8-bit's decode 2x slower: not for prompts
     ("linux", kernels(8.5, 6.6, prompts=(4.6, 26.6)), 8, "low"),  # 8-bit does not fit
     ("linux", kernels(5.0, 5.2), 8, "low"),  # 8-bit does not fit
     ("linux", kernels(5.0, 5.2, bf16=5.1), 64, "high"),  # bfloat16 as fast, RAM for it

@@ -144,11 +144,16 @@ def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
     raise AssertionError("the low profile needs no free memory")
 
 
+# 8-bit for its prompts only while it decodes at least 2/3 as fast as 4-bit (measured: 1.2-1.3x slower on an AMX
+# Xeon and a Zen 4); a CPU whose int8 kernels decode slower than that keeps 4-bit
+INT8_DECODE_AT_MOST = 1.5
+
+
 def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
     """The fastest precision at decoding that fits the RAM, by the kernels' measured speed on this CPU
     (cpu_kernels.py); within 10 % of the fastest, more bits win (closer to the model as trained). 4-bit, which
-    costs the most quality, only where it is also faster than 8-bit at prompts: on an AMX Xeon and a Zen 4 it
-    decodes ~20 % faster but answers a short prompt 2-5x later. With 8-bit
+    costs the most quality, only where it is also faster than 8-bit at prompts (or 8-bit decodes > 1.5x slower):
+    on an AMX Xeon and a Zen 4 it decodes ~20 % faster but answers a short prompt 2-5x later. With 8-bit
     holding 7 GB, a "16 GB" PC (15.7 GiB) qualifies; Windows PCs with less RAM still get 8-bit, which was faster
     than torch's Windows int4 kernel on every CPU measured. Without a measurement: 8-bit where it fits."""
     ram_gib = hardware.ram_bytes / GIB
@@ -168,7 +173,8 @@ def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
     name = max((n for n, ms in speeds.items() if ms <= 1.1 * fastest), key=lambda n: PROFILES[n].bits)
     measured = ", ".join(f"{PROFILES[n].bits}-bit {ms:.1f} ms" for n, ms in speeds.items())
     prompts = {bits: kernels.prompt_ms_at(bits) for bits in (4, 8)}
-    if name == "low" and "mid" in speeds and None not in prompts.values() and prompts[8] < prompts[4]:
+    if (name == "low" and "mid" in speeds and None not in prompts.values() and prompts[8] < prompts[4]
+            and speeds["mid"] <= INT8_DECODE_AT_MOST * speeds["low"]):
         return "mid", (f"no CUDA GPU: CPU with 8-bit weights, which fit {ram}: 4-bit decodes faster here "
                        f"(one token through a 6B layer: {measured}) but runs prompts slower "
                        f"(a prompt through a 6B matrix: 8-bit {prompts[8]:.1f} ms, 4-bit {prompts[4]:.1f} ms)")
