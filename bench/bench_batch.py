@@ -168,13 +168,12 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
     for job in others:
         job.cancel()
     engine.close()
-    longest = max(pauses)
     first_token = submitted + long_job.result.first_token_seconds
     prompt_pauses = sum(1 for t, _ in stamps[before:] if t <= first_token)  # those while the prompt ran
-    top = sorted(range(len(pauses)), key=pauses.__getitem__)[-3:][::-1]
-    return {"chunk": chunk, "step": step, "longest": longest, "ttft": long_job.result.first_token_seconds,
+    top = sorted(range(len(pauses)), key=pauses.__getitem__)[-3:][::-1]  # the three longest, longest first
+    return {"chunk": chunk, "step": step, "longest": pauses[top[0]], "ttft": long_job.result.first_token_seconds,
             "median pause": statistics.median(pauses),
-            "longest at": (f"{pauses.index(longest) + 1}/{len(pauses)}, the prompt's first token at {prompt_pauses}; "
+            "longest at": (f"{top[0] + 1}/{len(pauses)}, the prompt's first token at {prompt_pauses}; "
                            "next: " + ", ".join(f"{pauses[i] * 1000:.0f} ms at {i + 1}" for i in top[1:])),
             "chunk alone": chunk_alone, "last chunk": last_chunk,
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
