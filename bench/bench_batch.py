@@ -17,7 +17,8 @@ The checkpoint is bench_cpu.py's (written when missing). Three measurements:
    decode step time of the batch.
 4. Chunked prefill (`gap`): a 2,000-token prompt joins 3 decoding streams; the longest and the median pause
    between two tokens of a running stream against its normal step and the prompt's last chunk alone (over a
-   cache of the rest, where a chunk costs most), with the prompt in chunks and in one piece, and the throughput.
+   cache of the rest, where a chunk costs most), with the prompt in chunks (on the CPU inside the decode step,
+   the default, and apart from it) and in one piece, and the throughput.
 5. Features (`features`): one stream's decode tok/s plain, under a JSON schema (the grammar's mask each token)
    and with logprobs (top 5), against the plain figure.
 6. Restart (`restart`, not run by default): the next turn of a 4,000-token conversation after a restart (the
@@ -133,7 +134,7 @@ def arriving(loaded, reply: int) -> tuple[float, float, float]:
     return ttft, prefill, step
 
 
-def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
+def gap(loaded, chunk: int, prompt_tokens: int, mixed: bool | None = None) -> dict:
     """The longest pause between two tokens of a decoding stream while a long prompt joins 3 of them, and the
     time one chunk of that prompt takes alone."""
     from server.engine.budget import GenerationRequest
@@ -145,7 +146,7 @@ def gap(loaded, chunk: int, prompt_tokens: int) -> dict:
     alone.close()
     long_query = question(7, loaded.tokenizer, tokens=prompt_tokens)
     last_chunk = last_chunk_seconds(loaded, loaded.tokenizer.build_prompt(long_query, []), chunk)
-    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk)
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, mixed_steps=mixed)
     others = [engine.submit(GenerationRequest(query=f"other {i}", max_new_tokens=100000, **GREEDY)) for i in range(3)]
     for job in others:
         job.next_event()
@@ -327,10 +328,13 @@ def main() -> None:
               "| last chunk alone | longest ÷ (2 steps + last chunk) | prompt TTFT | stream tok/s meanwhile |")
         print("|---|---|---|---|---|---|---|---|---|")
         chunk = DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
-        for size in (chunk, args.gap_tokens):
-            r = gap(loaded, size, args.gap_tokens)
+        variants = [(chunk, None, f"{chunk}"), (args.gap_tokens, None, "whole prompt")]
+        if loaded.device.type == "cpu":  # chunks inside the decode step (the default) and apart from it
+            variants[1:1] = [(chunk, False, f"{chunk}, apart from the step")]
+        for size, mixed, name in variants:
+            r = gap(loaded, size, args.gap_tokens, mixed)
             limit = 2 * r["step"] + (r["last chunk"] or r["chunk alone"])  # the whole prompt: one chunk
-            print(f"| {'whole prompt' if size == args.gap_tokens else size} | {r['step'] * 1000:.0f} ms | "
+            print(f"| {name} | {r['step'] * 1000:.0f} ms | "
                   f"{r['longest'] * 1000:.0f} ms ({r['longest at']}) | {r['median pause'] * 1000:.0f} ms | "
                   f"{r['chunk alone'] * 1000:.0f} ms | "
                   f"{r['last chunk'] * 1000:.0f} ms | {r['longest'] / limit:.2f} | "

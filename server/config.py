@@ -88,8 +88,9 @@ class Settings:
         0, "requests decoded together in one step (continuous batching); 0 = automatic: 4 on a CPU, 8 on a GPU, "
            "fewer when the free memory does not hold them at the full context; 1 = one at a time")
     prefill_chunk: int = option(
-        0, "prompt tokens run between two decode steps while other replies stream (chunked prefill: a long prompt "
-           "does not stall them); 0 = automatic: 16 on a CPU, 2048 on a GPU")
+        0, "prompt tokens run with each decode step while other replies stream (chunked prefill: a long prompt "
+           "does not stall them; on a CPU in the same forward pass, the replies' tokens counted in, on a GPU "
+           "between two steps); 0 = automatic: 16 on a CPU, 2048 on a GPU")
     prompt_cache_mb: int | None = option(
         None, "RAM (MB) for the keys and values of recent conversations, so that the next turn computes only its "
               "new tokens; 0 turns it off; default 1024 (less on PCs with under 16 GB of RAM)")

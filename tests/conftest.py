@@ -63,14 +63,17 @@ def tiny_model(tiny_checkpoint):
 
 @pytest.fixture
 def slow_model(tiny_model, monkeypatch):
-    """The tiny model at a real model's pace (each forward pass 15 ms longer), so a reply can be watched and stopped."""
-    forward = tiny_model.model.forward
+    """The tiny model at a real model's pace (each forward pass 15 ms longer), so a reply can be watched and stopped.
+    (The pause is in the embedding, which every pass runs: also the engine's mixed steps, which walk the layers
+    themselves.)"""
+    embed = tiny_model.model.model.embed_tokens
+    forward = embed.forward
 
     def slow(*args, **kwargs):
         time.sleep(0.015)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_model.model, "forward", slow)
+    monkeypatch.setattr(embed, "forward", slow)
     return tiny_model
 
 

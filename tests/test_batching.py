@@ -11,6 +11,7 @@ import torch
 
 from server.engine import sizing as sizing
 from server.engine.budget import GenerationRequest
+from server.engine.engine import Engine
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
 from tests.test_http import parse_sse
@@ -195,34 +196,47 @@ def test_concurrent_http_streams_decode_together(serve, engine_for, tiny_model, 
     assert all(results[i][-1][1]["finish_reason"] == "length" for i in range(4))
 
 
-def test_a_long_prompt_runs_in_chunks_between_the_decode_steps_of_others(engine_for, slow_model, monkeypatch):
+@pytest.mark.parametrize("mixed", [True, False], ids=["in the decode step", "apart (as on a GPU)"])
+def test_a_long_prompt_runs_in_chunks_between_the_decode_steps_of_others(engine_for, slow_model, monkeypatch,
+                                                                         mixed):
     """Chunked prefill: while a long prompt runs, a streaming reply keeps getting tokens, one chunk at most
-    between two of its steps; the long prompt's reply is the one it gets alone."""
+    between two of its steps; on the CPU each chunk runs in the same forward pass as the reply's step (the
+    weights read once for both, engine/mixed_step.py), the pass `prefill_chunk` rows in all. The long prompt's
+    reply is the one it gets alone."""
     long_prompt = GenerationRequest(query="hello world 你好 " * 30, max_new_tokens=6, **GREEDY)
+    reply = GenerationRequest(query="hi", max_new_tokens=60, **GREEDY)
     alone = engine_for(slow_model, max_batch=1, prompt_cache_mb=0).submit(long_prompt).wait(timeout=60)
     assert alone.prompt_tokens > 100
-    forward = slow_model.model.forward
-    widths = []  # tokens per forward pass, in order
+    embed = slow_model.model.model.embed_tokens
+    forward = embed.forward
+    passes = []  # (rows, tokens per row) of each forward pass, in order
 
-    def logged(*args, **kwargs):
-        widths.append(kwargs["input_ids"].shape[1])
-        return forward(*args, **kwargs)
+    def logged(input_ids):
+        passes.append(tuple(input_ids.shape))
+        return forward(input_ids)
 
-    monkeypatch.setattr(slow_model.model, "forward", logged)
-    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=16)
-    streaming = engine.submit(GenerationRequest(query="hi", max_new_tokens=80, **GREEDY))
+    monkeypatch.setattr(embed, "forward", logged)
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=16, mixed_steps=mixed)
+    assert Engine(mixed_steps=None).mixed_steps is None and engine_for(slow_model).mixed_steps  # on by default
+    streaming = engine.submit(reply)
     for _ in range(3):
         streaming.next_event(timeout=30)
-    before = len(widths)
+    before = len(passes)
     joined = engine.submit(long_prompt).wait(timeout=120)
     assert joined.text == alone.text and joined.finish_reason == "length"
-    during = widths[before:]
-    chunks = [w for w in during if w > 1]
-    assert len(chunks) >= alone.prompt_tokens // 16 and max(chunks) <= 16  # the prompt, 16 tokens at a time
-    # never two chunks in a row: the streaming reply's step comes between them
-    assert all(not (a > 1 and b > 1) for a, b in zip(during, during[1:]))
     assert streaming.result is None  # it kept decoding all along
-    engine.interrupt(streaming.id)
+    during = passes[before:]
+    if mixed:  # the reply's next token and 15 prompt tokens in each pass, no pass for the reply alone meanwhile
+        with_prompt = [tokens for rows, tokens in during if tokens > 1]
+        assert len(with_prompt) >= alone.prompt_tokens // 15 and max(with_prompt) == 16
+        prompt_ran = [i for i, (_, tokens) in enumerate(during) if tokens > 1]
+        assert all(tokens > 1 for _, tokens in during[prompt_ran[0]:prompt_ran[-1]])
+    else:
+        chunks = [tokens for rows, tokens in during if tokens > 1]
+        assert len(chunks) >= alone.prompt_tokens // 16 and max(chunks) <= 16  # the prompt, 16 tokens at a time
+        # never two chunks in a row: the streaming reply's step comes between them
+        assert all(not (a[1] > 1 and b[1] > 1) for a, b in zip(during, during[1:]))
+    assert streaming.wait(timeout=60).completion_tokens == reply.max_new_tokens
 
 
 def test_a_job_interrupted_while_its_prompt_runs_ends_as_interrupted(engine_for, slow_model):
@@ -255,3 +269,26 @@ def test_choices_sharing_a_prompt_go_on_when_the_first_is_interrupted(engine_for
     engine.interrupt(streaming.id)
     alone = engine.submit(shared).wait(timeout=60)
     assert [r.text for r in rest] == [alone.text, alone.text] and all(r.finish_reason == "length" for r in rest)
+
+
+@pytest.mark.parametrize("precision", ["torch-int4", "torch-int8"])
+def test_prompts_that_run_in_the_decode_steps_of_others_give_each_job_its_tokens_alone(
+        engine_for, tiny_checkpoint, tiny_model, precision, monkeypatch):
+    """Long prompts joining rows that decode run chunk by chunk inside their steps (mixed_step.py); every reply,
+    of the joining jobs and of the rows they joined, is the one it gets alone. (The CPU's quantized kernels are
+    row-independent; a dense float matmul may round a row differently with 1 or 11 rows beside it.)"""
+    loaded = loaded_at(tiny_checkpoint, tiny_model, precision)
+    jobs = [("hi", 70), ("写一首关于春天的诗", 50), ("hello world 你好 " * 12, 12), ("a b c d e f g " * 9, 9)]
+    one = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
+    alone = [one.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)).wait() for q, n in jobs]
+    mixed = []
+    run = Engine._chunk_and_step
+    monkeypatch.setattr(Engine, "_chunk_and_step", lambda self: (mixed.append(len(self._batch)), run(self))[1])
+    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=0, prefill_chunk=8)
+    first = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)) for q, n in jobs[:2]]
+    for job in first:
+        job.next_event(timeout=30)
+    late = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)) for q, n in jobs[2:]]
+    together = [job.wait(timeout=60) for job in first + late]
+    assert len(mixed) >= sum(r.prompt_tokens for r in alone[2:]) // 8 and max(mixed) >= 2
+    assert [f.text for f in together] == [f.text for f in alone]

@@ -167,6 +167,35 @@ def test_model_error_ends_that_job_and_the_engine_goes_on(engine, tiny_model, mo
     assert ok.finish_reason == "length" and ok.completion_tokens == 10
 
 
+def test_a_model_error_in_a_pass_mixing_a_prompt_and_a_step_ends_both_jobs_and_the_engine_goes_on(
+        engine_for, slow_model, monkeypatch):
+    """On the CPU a prompt chunk runs in the decode step of the running replies (mixed_step.py): a pass that fails
+    ends the replies and the joining job with the error; the next requests run."""
+    norm = slow_model.model.model.norm
+    real_norm = norm.forward
+    mixed_passes = []
+
+    def failing_once_mixed(hidden):
+        if hidden.shape[1] == 8:  # the running reply's token and a 7-token chunk
+            mixed_passes.append(hidden.shape)
+            if len(mixed_passes) == 2:  # (no way to run out of memory here for real)
+                raise torch.OutOfMemoryError("CPU out of memory. Tried to allocate 2.00 GiB")
+        return real_norm(hidden)
+
+    monkeypatch.setattr(norm, "forward", failing_once_mixed)
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=8)
+    running = engine.submit(GenerationRequest(query="hi", max_new_tokens=200, **GREEDY))
+    running.next_event(timeout=30)
+    joining = engine.submit(GenerationRequest(query="hello world 你好 " * 10, max_new_tokens=5, **GREEDY))
+    for job in (running, joining):
+        failed = job.wait(timeout=60)
+        assert failed.finish_reason == "error" and "out of memory" in failed.error
+    assert joining.result.completion_tokens == 0 and running.result.completion_tokens > 1
+    ok = engine.submit_all([GenerationRequest(query=q, max_new_tokens=6, **GREEDY) for q in ("a", "b")])
+    assert [job.wait(timeout=60).completion_tokens for job in ok] == [6, 6]
+    assert engine.state == "ready"
+
+
 def test_stop_strings_end_the_reply_before_them(engine):
     full = engine.submit(GenerationRequest(query="hello", max_new_tokens=40, **GREEDY)).wait().text
     stop = full[len(full) // 2: len(full) // 2 + 2]

@@ -75,14 +75,17 @@ class Batch:
         return [(layer.keys[i:i + 1, :, pad:].to(device, copy=True),
                  layer.values[i:i + 1, :, pad:].to(device, copy=True)) for layer in self.cache.layers]
 
+    def positions(self) -> list[int]:
+        """Each row's next position: its own length, without its padding."""
+        return [self.length - pad for pad in self.pads]
+
     def step(self) -> torch.Tensor:
         """Run every row's next token; return the logits of each row's next position [rows, vocab]."""
         device = self.cache.layers[0].keys.device
         input_ids = torch.tensor([[seq.next_token] for seq in self.rows], device=device)
         rows = {}
         if len(self.rows) > 1:
-            positions = [self.length - pad for pad in self.pads]  # each row's own length
-            rows = {"row_pads": self.pads, "position_ids": torch.tensor(positions, device=device)[:, None]}
+            rows = {"row_pads": self.pads, "position_ids": torch.tensor(self.positions(), device=device)[:, None]}
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{CACHE_ARG: self.cache}, **rows)
         for seq in self.rows:
             seq.fed()

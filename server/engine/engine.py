@@ -53,9 +53,11 @@ class Engine(EngineState):
     constrained_decoding = True  # grammars and logprobs need the model's logits: only a local engine has them
 
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
-                 prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0):
+                 prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0,
+                 mixed_steps: bool | None = None):
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk  # 0: chosen in attach() from the device
+        self.mixed_steps = mixed_steps  # a prompt chunk inside the decode step (_mixes); None: chosen in attach()
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
@@ -97,6 +99,9 @@ class Engine(EngineState):
         self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
+        if self.mixed_steps is None:  # on the CPU, where a chunk and a step each cost about a read of the weights
+            # (on a GPU the chunks are large and mixing was never measured: they run apart there)
+            self.mixed_steps = loaded.device.type == "cpu"
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
@@ -245,10 +250,13 @@ class Engine(EngineState):
         try:
             for job in admitted:
                 self._start(job)
-            if self._prefilling:
-                self._prefill_chunk()
-            if self._batch.rows:
-                self._step()
+            if self._prefilling and self._batch.rows and self._mixes(self._prefilling[0]):
+                self._chunk_and_step()
+            else:
+                if self._prefilling:
+                    self._prefill_chunk()
+                if self._batch.rows:
+                    self._step()
         except Exception as exc:  # a fault outside one job's own steps: the running jobs fail, the engine goes on
             log.error("engine step failed", exc_info=exc)
             self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -301,17 +309,10 @@ class Engine(EngineState):
         a long prompt does not stall them), PROMPT_PIECE when none do (so its activations stay bounded). After
         its last chunk the job samples its first token and joins the batch, unless that token already ends it."""
         from ..model.forward import prefill
-        from .batch import cache_from
 
         waiting = self._prefilling[0]
         seq = waiting.seq
-        if seq.job.cancelled.is_set():  # interrupted or disconnected while its prompt ran
-            seq.reason = "interrupted"
-            self._end(seq, None)
-            if waiting.followers:  # the others still want the prompt: the next one leads
-                waiting.seq = waiting.followers.pop(0)
-            else:
-                self._prefilling.popleft()
+        if self._drop_if_cancelled(waiting):
             return
         size = self.prefill_chunk if self._batch.rows else PROMPT_PIECE
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
@@ -323,6 +324,61 @@ class Engine(EngineState):
             self._prefilling.popleft()
             self._fail([seq, *waiting.followers], exc)
             return
+        self._prompt_ran(waiting, logits)
+
+    def _drop_if_cancelled(self, waiting: Prefilling) -> bool:
+        """End the leading job of a waiting prompt if it was interrupted or disconnected while its prompt ran."""
+        seq = waiting.seq
+        if not seq.job.cancelled.is_set():
+            return False
+        seq.reason = "interrupted"
+        self._end(seq, None)
+        if waiting.followers:  # the others still want the prompt: the next one leads
+            waiting.seq = waiting.followers.pop(0)
+        else:
+            self._prefilling.popleft()
+        return True
+
+    def _mixes(self, waiting: Prefilling) -> bool:
+        """Whether the next chunk of this prompt runs in the batch's decode step (mixed_step.py): where
+        `mixed_steps` is on, and not for a prompt whose every position is scored (echo logprobs)."""
+        return self.mixed_steps and waiting.seq.prompt_score is None
+
+    def _chunk_and_step(self) -> None:
+        """One decode step of the batch and the next chunk of the oldest waiting prompt, in one forward pass."""
+        from . import mixed_step
+
+        waiting = self._prefilling[0]
+        if self._drop_if_cancelled(waiting):
+            if self._batch.rows:
+                self._step()
+            return
+        batch, seq = self._batch, waiting.seq
+        # the pass carries `prefill_chunk` rows in all (the prompt at least half of them): its cost stays what
+        # a chunk alone costs, with the step inside (sizing.DEFAULT_PREFILL_CHUNK)
+        size = max(self.prefill_chunk - len(batch), self.prefill_chunk // 2, 1)
+        chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
+        step = mixed_step.MixedStep(batch.cache, batch.pads, waiting.cache, len(chunk))
+        try:
+            logits, prompt_logits = mixed_step.forward(self.loaded.model, [s.next_token for s in batch.rows],
+                                                       batch.positions(), step, chunk)
+        except Exception as exc:  # out of memory or a model error: the jobs of both fail, the engine goes on
+            rows = list(batch.rows)
+            batch.remove(list(range(len(rows))))
+            self._prefilling.popleft()
+            self._fail([*rows, seq, *waiting.followers], exc)
+            return
+        for row in batch.rows:
+            row.fed()
+        self._advance_batch(logits)
+        self._prompt_ran(waiting, prompt_logits)
+
+    def _prompt_ran(self, waiting: Prefilling, logits) -> None:
+        """After a chunk of `waiting`'s prompt: when it was the last, its jobs sample their first token and join
+        the batch (or end there)."""
+        from .batch import cache_from
+
+        seq = waiting.seq
         if waiting.todo:
             return
         self._prefilling.popleft()
@@ -351,6 +407,11 @@ class Engine(EngineState):
             batch.remove(list(range(len(rows))))
             self._fail(rows, exc)
             return
+        self._advance_batch(logits)
+
+    def _advance_batch(self, logits) -> None:
+        """Each row samples its next token from its logits [rows, vocab]; rows that end leave the batch."""
+        batch = self._batch
         ended, failed = [], []
         for i, seq in enumerate(batch.rows):
             try:

@@ -18,7 +18,10 @@ DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
 RESERVE_BYTES = {"cpu": 2 * GIB, "cuda": GIB}
 # Prompt tokens run between two decode steps while other replies stream (chunked prefill). On a CPU each prompt
 # row costs a third to a fifth of a decode step (AMD Zen 4, 2 cores): 64-token chunks paused the other streams
-# 8.6 s each at 4-bit (docs/performance.md); 16 keep a pause to ~2.5 s. On a GPU (an H200, docs/performance.md)
+# 8.6 s each at 4-bit (docs/performance.md); 16 keep a pause to ~2.5 s. There the chunk runs inside the decode
+# step, and the 16 are the pass's rows in all, the step's among them: the int8 GEMMs multiply 32 activation rows
+# then (two per token), two 16-row AMX tiles; 3 + 16 took a third tile and 1.4x the time (Emerald Rapids, 8-bit,
+# docs/performance.md). On a GPU (an H200, docs/performance.md)
 # a 2,000-token prompt whole paused the other streams no longer than in 512-token chunks and reached its first
 # token 2-3x sooner: chunks there start at 2,048 tokens.
 DEFAULT_PREFILL_CHUNK = {"cpu": 16, "cuda": 2048}

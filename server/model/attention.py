@@ -62,10 +62,14 @@ def stacked_heads_sdpa(query, key, value, attention_mask, scaling: float | None)
     return out.view(1, heads, rows, dim).transpose(1, 2), None  # [1, rows, heads, dim], as SDPA's wrapper
 
 
-def rows_attention(module, query, key, value, attention_mask, row_pads: list[int] | None = None, **kwargs):
+def rows_attention(module, query, key, value, attention_mask, row_pads: list[int] | None = None, split=None,
+                   **kwargs):
     """Row by row without each row's padding when `row_pads` is given: one padded attention over all rows hides
     the padding through the mask, but sums in another order than the row alone would (other lengths, other
-    vector blocks), which flips near-tied tokens in 16-bit. Row by row costs a few small calls per layer."""
+    vector blocks), which flips near-tied tokens in 16-bit. Row by row costs a few small calls per layer.
+    `split`: a decode step and a prompt chunk in one pass (engine/mixed_step.py), each over its own keys."""
+    if split is not None:
+        return split.attention(module, query, **kwargs)
     if row_pads is None:
         return cpu_attention(module, query, key, value, attention_mask, **kwargs)
     rows = [cpu_attention(module, query[i:i + 1], key[i:i + 1, :, pad:], value[i:i + 1, :, pad:], None,
