@@ -2,6 +2,7 @@
 tokens are exactly those it gets alone."""
 
 import dataclasses
+import sys
 import threading
 import time
 
@@ -23,21 +24,32 @@ JOBS = [("hi", 30), ("hello world, how are you today? " * 3, 12), ("写一首关
 
 
 def alone_and_together(engine_for, loaded, jobs=JOBS, **request):
-    """Each job's reply alone (one at a time, no prefix cache), and the replies of all submitted at once."""
+    """Each job's reply alone (one at a time, no prefix cache), and the replies of all submitted at once. Their
+    prompts run whole beside the others too, as alone: where a prompt is split changes its attention's
+    roundings on some CPUs (an AMX Xeon's), which is not what batching must keep (the decoding rows)."""
     one = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
     alone = [one.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY, **request)).wait() for q, n in jobs]
-    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=0)
+    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=0, prefill_chunk=sizing.PROMPT_PIECE)
     submitted = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY, **request)) for q, n in jobs]
     return alone, [job.wait() for job in submitted]
 
 
 def loaded_at(tiny_checkpoint, tiny_model, precision):
+    """The tiny model at `precision`, its quantized layers on their kernels at every row count: where the
+    start-up timing picks torch's int8 kernel it may expand the weights for prompts from 32 rows (which rounds
+    otherwise), so a prompt run whole alone and in chunks beside others would take two paths by chance."""
+    from server.model.cpu_quant import QuantizedLinear
+
     if precision == "float32":
         return tiny_model
     bits, backend = {"bfloat16": (16, ""), "bnb-4bit": (4, "bnb"), "torch-int4": (4, "torch"),
                      "torch-int8": (8, "torch")}[precision]
     plan = cpu_plan(bits=bits, dtype="bfloat16")
-    return load_model(tiny_checkpoint, dataclasses.replace(plan, backend=backend) if backend else plan)
+    loaded = load_model(tiny_checkpoint, dataclasses.replace(plan, backend=backend) if backend else plan)
+    for layer in loaded.model.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer.dense_from_tokens = sys.maxsize
+    return loaded
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "bnb-4bit", "torch-int4", "torch-int8"])
@@ -217,7 +229,7 @@ def test_a_long_prompt_runs_in_chunks_between_the_decode_steps_of_others(engine_
 
     monkeypatch.setattr(embed, "forward", logged)
     engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=16, mixed_steps=mixed)
-    assert Engine(mixed_steps=None).mixed_steps is None and engine_for(slow_model).mixed_steps  # on by default
+    assert engine_for(slow_model).mixed_rows == 0  # (by default not for this model: its layers are dense)
     streaming = engine.submit(reply)
     for _ in range(3):
         streaming.next_event(timeout=30)
@@ -226,9 +238,10 @@ def test_a_long_prompt_runs_in_chunks_between_the_decode_steps_of_others(engine_
     assert joined.text == alone.text and joined.finish_reason == "length"
     assert streaming.result is None  # it kept decoding all along
     during = passes[before:]
-    if mixed:  # the reply's next token and 15 prompt tokens in each pass, no pass for the reply alone meanwhile
+    if mixed:  # the reply's next token and 15 prompt tokens in each pass (the rest of it in the last), no pass
+        # for the reply alone meanwhile
         with_prompt = [tokens for rows, tokens in during if tokens > 1]
-        assert len(with_prompt) >= alone.prompt_tokens // 15 and max(with_prompt) == 16
+        assert len(with_prompt) >= alone.prompt_tokens // 16 and with_prompt.count(16) >= len(with_prompt) - 1
         prompt_ran = [i for i, (_, tokens) in enumerate(during) if tokens > 1]
         assert all(tokens > 1 for _, tokens in during[prompt_ran[0]:prompt_ran[-1]])
     else:
@@ -272,23 +285,101 @@ def test_choices_sharing_a_prompt_go_on_when_the_first_is_interrupted(engine_for
 
 
 @pytest.mark.parametrize("precision", ["torch-int4", "torch-int8"])
-def test_prompts_that_run_in_the_decode_steps_of_others_give_each_job_its_tokens_alone(
+def test_a_pass_mixing_a_prompt_chunk_and_a_step_gives_every_row_its_logits_apart(
         engine_for, tiny_checkpoint, tiny_model, precision, monkeypatch):
-    """Long prompts joining rows that decode run chunk by chunk inside their steps (mixed_step.py); every reply,
-    of the joining jobs and of the rows they joined, is the one it gets alone. (The CPU's quantized kernels are
-    row-independent; a dense float matmul may round a row differently with 1 or 11 rows beside it.)"""
+    """Long prompts join rows that decode; their chunks run inside the decode steps (mixed_step.py). Each such
+    pass is checked against the same step and the same chunk run apart, on copies of the caches: every row's
+    logits and the chunk's are bit for bit the same (the CPU's quantized kernels are row-independent). The
+    replies end as asked."""
+    from transformers import DynamicCache
+
+    from server.engine import mixed_step
+    from server.engine.batch import Batch, cache_from
+    from server.model.forward import prefill
+
     loaded = loaded_at(tiny_checkpoint, tiny_model, precision)
-    jobs = [("hi", 70), ("写一首关于春天的诗", 50), ("hello world 你好 " * 12, 12), ("a b c d e f g " * 9, 9)]
-    one = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
-    alone = [one.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)).wait() for q, n in jobs]
-    mixed = []
-    run = Engine._chunk_and_step
-    monkeypatch.setattr(Engine, "_chunk_and_step", lambda self: (mixed.append(len(self._batch)), run(self))[1])
-    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=0, prefill_chunk=8)
+    mixed_forward = mixed_step.forward
+    checked = []  # (batch rows, prompt tokens before the chunk, chunk tokens) of each mixed pass
+
+    def compared_with_apart(model, next_tokens, positions, step, chunk_ids):
+        def copy(cache):  # the same tensors in another cache object (updates concatenate: nothing is shared)
+            return cache_from(model.config, [(layer.keys, layer.values) for layer in cache.layers])
+
+        apart = Batch(model)
+        apart.rows = [dataclasses.make_dataclass("Row", ["next_token"])(token) for token in next_tokens]
+        for row in apart.rows:
+            row.fed = lambda: None
+        apart.pads, apart.cache = list(step.pads), copy(step.batch_cache)
+        step_logits = apart.step()
+        chunk_logits = prefill(model, chunk_ids, copy(step.prompt_cache) if step.past else DynamicCache(config=model.config))
+        logits, prompt_logits = mixed_forward(model, next_tokens, positions, step, chunk_ids)
+        assert torch.equal(logits, step_logits) and torch.equal(prompt_logits, chunk_logits)
+        checked.append((len(next_tokens), step.past, len(chunk_ids)))
+        return logits, prompt_logits
+
+    monkeypatch.setattr(mixed_step, "forward", compared_with_apart)
+    jobs = [("hi", 200), ("写一首关于春天的诗", 50), ("hello world 你好 " * 12, 12), ("a b c d e f g " * 9, 9)]
+    many = engine_for(loaded, max_batch=len(jobs), prompt_cache_mb=64, prefill_chunk=8)
+    assert many.mixed_rows > 8 + len(jobs)  # (8-bit: every size stays on the kernel; 4-bit from ~150 rows)
     first = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)) for q, n in jobs[:2]]
     for job in first:
         job.next_event(timeout=30)
     late = [many.submit(GenerationRequest(query=q, max_new_tokens=n, **GREEDY)) for q, n in jobs[2:]]
-    together = [job.wait(timeout=60) for job in first + late]
-    assert len(mixed) >= sum(r.prompt_tokens for r in alone[2:]) // 8 and max(mixed) >= 2
-    assert [f.text for f in together] == [f.text for f in alone]
+    done = [job.wait(timeout=60) for job in late]
+    # the first long prompt again: the prefix cache holds all of it but its last token, which runs in a pass
+    again = many.submit(GenerationRequest(query=jobs[2][0], max_new_tokens=3, **GREEDY)).wait(timeout=60)
+    done = [job.wait(timeout=60) for job in first] + done
+    assert [(f.finish_reason, f.completion_tokens) for f in done] == [("length", n) for _, n in jobs]
+    assert again.cached_tokens == again.prompt_tokens - 1
+    assert max(rows for rows, _, _ in checked) >= 2 and (1, again.cached_tokens, 1) in [
+        (min(rows, 1), past, tokens) for rows, past, tokens in checked]
+    assert sum(tokens for *_, tokens in checked) >= sum(f.prompt_tokens for f in done[2:])
+
+
+def test_a_prompt_of_one_chunk_runs_whole_in_the_step_of_others(engine_for, tiny_checkpoint, tiny_model):
+    """What is left of a prompt, up to `prefill_chunk` tokens, runs in one pass with the running replies (split
+    elsewhere than alone, a prompt would get other roundings in attention on some CPUs: an AMX Xeon's)."""
+    loaded = loaded_at(tiny_checkpoint, tiny_model, "torch-int8")
+    prompt = GenerationRequest(query="写一首关于春天的诗", max_new_tokens=4, **GREEDY)
+    size = engine_for(loaded, max_batch=1, prompt_cache_mb=0).submit(prompt).wait(timeout=60).prompt_tokens
+    passes = []
+    embed = loaded.model.model.embed_tokens
+    forward = embed.forward
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=size)
+    running = [engine.submit(GenerationRequest(query=q, max_new_tokens=300, **GREEDY)) for q in ("hi", "yo")]
+    for job in running:
+        job.next_event(timeout=30)
+    embed.forward = lambda ids: (passes.append(ids.shape[1]), forward(ids))[1]
+    try:
+        engine.submit(prompt).wait(timeout=60)
+    finally:
+        del embed.forward
+    assert 2 + size in passes and max(passes) == 2 + size  # the two replies' tokens and the whole prompt
+    engine.interrupt()
+
+
+def test_no_pass_mixes_more_rows_than_the_quantized_layers_keep_on_their_kernels(engine_for, tiny_checkpoint,
+                                                                                  tiny_model, monkeypatch):
+    """From `dense_from_tokens` rows a quantized layer expands its weights to bfloat16, which would round the
+    decoding rows otherwise than their steps apart: mixed passes stay below that, and chunks run apart there."""
+    from server.model.cpu_quant import QuantizedLinear
+
+    plan = dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"), backend="torch", int8_kernel="torch")
+    loaded = load_model(tiny_checkpoint, plan)  # (torch's int8 kernel: its layers keep W to expand)
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    layers[3].dense_from_tokens = 7
+    chunks = []  # prompt tokens of each chunk: inside a step (mixed) or apart
+    mixed, apart = Engine._chunk_and_step, Engine._prefill_chunk
+    monkeypatch.setattr(Engine, "_chunk_and_step", lambda self, size: (chunks.append(("mixed", size)),
+                                                                       mixed(self, size))[1])
+    monkeypatch.setattr(Engine, "_prefill_chunk", lambda self: (chunks.append(("apart", 0)), apart(self))[1])
+    for chunk, ways in ((4, {"mixed"}), (8, {"apart", "mixed"})):  # 1 + 4 rows mix; 1 + 7 do not, the last few do
+        engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk)
+        assert engine.mixed_rows == 6
+        running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))
+        running.next_event(timeout=30)
+        chunks.clear()
+        done = engine.submit(GenerationRequest(query="hello world 你好 " * 4, max_new_tokens=3, **GREEDY)).wait(60)
+        assert done.finish_reason == "length" and {way for way, _ in chunks} == ways
+        assert all(1 + size <= 6 for way, size in chunks if way == "mixed")
+        engine.interrupt()

@@ -11,6 +11,7 @@ cancel flag, checked after every token) without disturbing the rest; what they c
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -57,7 +58,8 @@ class Engine(EngineState):
                  mixed_steps: bool | None = None):
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk  # 0: chosen in attach() from the device
-        self.mixed_steps = mixed_steps  # a prompt chunk inside the decode step (_mixes); None: chosen in attach()
+        self.mixed_steps = mixed_steps  # prompt chunks inside the decode step; None: chosen in attach()
+        self.mixed_rows = 0  # the most rows such a pass may carry (0: none); set in attach()
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
         self.prompt_cache_mb = prompt_cache_mb  # None: chosen in attach() from the RAM
@@ -99,13 +101,21 @@ class Engine(EngineState):
         self.max_batch = batch_size(loaded, self.max_batch, self.prefix_cache.max_bytes)
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
-        if self.mixed_steps is None:  # on the CPU, where a chunk and a step each cost about a read of the weights
-            # (on a GPU the chunks are large and mixing was never measured: they run apart there)
-            self.mixed_steps = loaded.device.type == "cpu"
+        self.mixed_rows = self._mixed_rows(loaded)
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
         self.set_state("ready")
+
+    def _mixed_rows(self, loaded: LoadedModel) -> int:
+        """Automatically (mixed_steps None) on the CPU, where a chunk and a step each cost about a read of the
+        weights, as far as every row's logits stay those it gets apart (mixed_step.exact_rows); on a GPU the
+        chunks are large and mixing was never measured: they run apart there."""
+        from .mixed_step import exact_rows
+
+        if self.mixed_steps is None:
+            return exact_rows(loaded.model) if loaded.device.type == "cpu" else 0
+        return sys.maxsize if self.mixed_steps else 0
 
     @property
     def state(self) -> str:
@@ -250,8 +260,9 @@ class Engine(EngineState):
         try:
             for job in admitted:
                 self._start(job)
-            if self._prefilling and self._batch.rows and self._mixes(self._prefilling[0]):
-                self._chunk_and_step()
+            mixed = self._mixed_chunk(self._prefilling[0]) if self._prefilling and self._batch.rows else 0
+            if mixed:
+                self._chunk_and_step(mixed)
             else:
                 if self._prefilling:
                     self._prefill_chunk()
@@ -339,13 +350,21 @@ class Engine(EngineState):
             self._prefilling.popleft()
         return True
 
-    def _mixes(self, waiting: Prefilling) -> bool:
-        """Whether the next chunk of this prompt runs in the batch's decode step (mixed_step.py): where
-        `mixed_steps` is on, and not for a prompt whose every position is scored (echo logprobs)."""
-        return self.mixed_steps and waiting.seq.prompt_score is None
+    def _mixed_chunk(self, waiting: Prefilling) -> int:
+        """How many of this prompt's tokens run inside the batch's next decode step (mixed_step.py); 0: its
+        chunk runs apart. The pass carries `prefill_chunk` rows in all, the prompt at least half of them (its
+        cost stays what a chunk alone costs, sizing.DEFAULT_PREFILL_CHUNK); what is left of a prompt, up to
+        `prefill_chunk` tokens, runs in one pass (a prompt split elsewhere than alone gets other roundings in
+        attention on some CPUs); never more rows than `mixed_rows`, and not for a prompt whose every position
+        is scored (echo logprobs)."""
+        if waiting.seq.prompt_score is not None:
+            return 0
+        rows, left = len(self._batch), len(waiting.todo)
+        size = left if left <= self.prefill_chunk else max(self.prefill_chunk - rows, self.prefill_chunk // 2)
+        return size if rows + size <= self.mixed_rows else 0
 
-    def _chunk_and_step(self) -> None:
-        """One decode step of the batch and the next chunk of the oldest waiting prompt, in one forward pass."""
+    def _chunk_and_step(self, size: int) -> None:
+        """One decode step of the batch and the next `size` tokens of the oldest waiting prompt, in one pass."""
         from . import mixed_step
 
         waiting = self._prefilling[0]
@@ -354,9 +373,6 @@ class Engine(EngineState):
                 self._step()
             return
         batch, seq = self._batch, waiting.seq
-        # the pass carries `prefill_chunk` rows in all (the prompt at least half of them): its cost stays what
-        # a chunk alone costs, with the step inside (sizing.DEFAULT_PREFILL_CHUNK)
-        size = max(self.prefill_chunk - len(batch), self.prefill_chunk // 2, 1)
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
         step = mixed_step.MixedStep(batch.cache, batch.pads, waiting.cache, len(chunk))
         try:

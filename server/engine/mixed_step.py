@@ -15,10 +15,24 @@ object (attention.rows_attention).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from ..model.attention import cpu_attention
+from ..model.cpu_quant import QuantizedLinear
 from ..model.forward import CACHE_ARG
+
+
+def exact_rows(model) -> int:
+    """The most rows a mixed pass may carry with every row's logits those it gets apart. The CPU's quantized
+    layers are row-independent (integer sums, each row's activations quantized on its own) below the rows from
+    which a layer expands its weights to bfloat16 for prompts (cpu_quant.py); a dense float matmul may round a
+    row otherwise with other rows beside it: 0 (no mixed passes) where any linear layer is dense (also
+    bitsandbytes', whose LLM.int8 depends on the other rows by design)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
+    if not layers or any(isinstance(m, nn.Linear) for m in layers):
+        return 0
+    return min(m.dense_from_tokens for m in layers) - 1
 
 
 class MixedStep:
