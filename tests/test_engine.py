@@ -183,7 +183,8 @@ def test_a_model_error_in_a_pass_mixing_a_prompt_and_a_step_ends_both_jobs_and_t
         return real_norm(hidden)
 
     monkeypatch.setattr(norm, "forward", failing_once_mixed)
-    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=8)
+    # (mixed passes are on for this dense model too: by default only quantized models mix, exactly)
+    engine = engine_for(slow_model, max_batch=4, prompt_cache_mb=0, prefill_chunk=8, mixed_steps=True)
     running = engine.submit(GenerationRequest(query="hi", max_new_tokens=200, **GREEDY))
     running.next_event(timeout=30)
     joining = engine.submit(GenerationRequest(query="hello world 你好 " * 10, max_new_tokens=5, **GREEDY))
