@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from ..model.attention import ATTENTION
 from ..model.forward import CACHE_ARG
+from . import mixed_step
 from .sequence import Sequence
 
 
@@ -90,6 +91,16 @@ class Batch:
         for seq in self.rows:
             seq.fed()
         return out.logits[:, -1]
+
+    def step_with_chunk(self, chunk: list[int], prompt_cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` and the next `chunk` of a prompt (its cache: `prompt_cache`) in one forward pass
+        (mixed_step.py); return the rows' logits [rows, vocab] and the chunk's last [vocab]."""
+        step = mixed_step.MixedStep(self.cache, self.pads, prompt_cache, len(chunk))
+        logits, prompt_logits = mixed_step.forward(self.model, [seq.next_token for seq in self.rows],
+                                                   self.positions(), step, chunk)
+        for seq in self.rows:
+            seq.fed()
+        return logits, prompt_logits
 
 
 def left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:

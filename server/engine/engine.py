@@ -365,27 +365,18 @@ class Engine(EngineState):
 
     def _chunk_and_step(self, size: int) -> None:
         """One decode step of the batch and the next `size` tokens of the oldest waiting prompt, in one pass."""
-        from . import mixed_step
-
         waiting = self._prefilling[0]
         if self._drop_if_cancelled(waiting):
             if self._batch.rows:
                 self._step()
             return
-        batch, seq = self._batch, waiting.seq
         chunk, waiting.todo = waiting.todo[:size], waiting.todo[size:]
-        step = mixed_step.MixedStep(batch.cache, batch.pads, waiting.cache, len(chunk))
         try:
-            logits, prompt_logits = mixed_step.forward(self.loaded.model, [s.next_token for s in batch.rows],
-                                                       batch.positions(), step, chunk)
+            logits, prompt_logits = self._batch.step_with_chunk(chunk, waiting.cache)
         except Exception as exc:  # out of memory or a model error: the jobs of both fail, the engine goes on
-            rows = list(batch.rows)
-            batch.remove(list(range(len(rows))))
             self._prefilling.popleft()
-            self._fail([*rows, seq, *waiting.followers], exc)
+            self._fail_batch(exc, [waiting.seq, *waiting.followers])
             return
-        for row in batch.rows:
-            row.fed()
         self._advance_batch(logits)
         self._prompt_ran(waiting, prompt_logits)
 
@@ -415,15 +406,18 @@ class Engine(EngineState):
 
     def _step(self) -> None:
         """One decode step for every row; rows that end leave the batch."""
-        batch = self._batch
         try:
-            logits = batch.step()
+            logits = self._batch.step()
         except Exception as exc:  # out of memory or a model error: the batch's jobs fail, the engine goes on
-            rows = list(batch.rows)
-            batch.remove(list(range(len(rows))))
-            self._fail(rows, exc)
+            self._fail_batch(exc)
             return
         self._advance_batch(logits)
+
+    def _fail_batch(self, exc: Exception, others: list | None = None) -> None:
+        """Every row of the batch (and `others`) fails with `exc`; the batch is empty after."""
+        rows = list(self._batch.rows)
+        self._batch.remove(list(range(len(rows))))
+        self._fail([*rows, *(others or [])], exc)
 
     def _advance_batch(self, logits) -> None:
         """Each row samples its next token from its logits [rows, vocab]; rows that end leave the batch."""
