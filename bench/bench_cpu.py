@@ -5,15 +5,16 @@
     python bench/bench_cpu.py --dir /data/bench-full --configs torch-4,bnb-4 --gguf Q4_0=/data/q4_0.gguf
 
 The checkpoint is ChatGLM2-6B-shaped with random weights and the real tokenizer when ../shared has it (7 `.bin`
-shards in the hub layout). Each configuration runs in a fresh process (so its memory peaks are its own):
-conversion (first start), loading to ready (a later start: the converted cache exists; warm-up included),
-peak RSS and peak anonymous memory (sampled every 20 ms), steady memory, time to first token of the first
-and of a later short request, decode tokens/s of a 64-token greedy reply (the faster of two), and prefill
-tokens/s of a 1,000-token prompt without any cache. Two probes run in the same process: memory read bandwidth (a float32 sum over
-2 GB) and bfloat16 matmul throughput; decode is reported against the bandwidth limit (bytes of
+shards in the hub layout). Each configuration runs in a fresh process (so its memory peaks are its own): conversion
+(first start), loading to ready (a later start: the converted cache exists; warm-up included), peak RSS and peak
+anonymous memory (sampled every 20 ms), steady memory, time to first token of the first and of a later short
+request, decode tokens/s of a 64-token greedy reply (the faster of two), and prefill tokens/s of a 1,000-token
+prompt without any cache, and a new conversation's 20-token question through the engine after another conversation
+(the chat template's start comes from the prefix cache). Two probes run in the same process: memory read bandwidth
+(a float32 sum over 2 GB) and bfloat16 matmul throughput; decode is reported against the bandwidth limit (bytes of
 weights read per token / bandwidth) and prefill against the matmul throughput. Quality: mean KL divergence and
-top-1 agreement of next-token distributions against the bfloat16 run on a fixed 128-token text (relative only:
-the weights are random). With --gguf and llama-cpp-python installed (built from source; optional), llama.cpp
+top-1 agreement of next-token distributions against the bfloat16 run on a fixed 128-token text (relative only: the
+weights are random). With --gguf and llama-cpp-python installed (built from source; optional), llama.cpp
 runs the same measurements on a GGUF of the same weights, with 2 threads, and the ratios are printed.
 """
 
@@ -133,6 +134,23 @@ def prompt_sweep(model, tok) -> dict[int, float]:
     return times
 
 
+def chat_prompt(loaded, tokens: int = 20) -> dict:
+    """A new conversation's first question of `tokens` prompt tokens through the engine, after another one: what
+    a user meets, where the chat template's start comes from the prefix cache (the sweep above runs it too)."""
+    from server.engine import Engine
+    from server.engine.budget import GenerationRequest
+
+    engine = Engine(max_batch=1, prompt_cache_mb=256)
+    engine.attach(loaded)
+    engine.submit(GenerationRequest(query="你好，请介绍一下你自己。", max_new_tokens=4, temperature=0)).wait()
+    words = loaded.tokenizer.sp.encode("明天北京的天气怎么样？适合带孩子去公园散步吗？请简单说说理由。" * 4)
+    query = next(q for q in (loaded.tokenizer.decode(words[:n]) for n in range(1, len(words)))
+                 if len(loaded.tokenizer.build_prompt(q, [])) >= tokens)
+    done = engine.submit(GenerationRequest(query=query, max_new_tokens=1, temperature=0)).wait()
+    engine.close()
+    return {"tokens": done.prompt_tokens, "cached": done.cached_tokens, "ttft_ms": done.first_token_seconds * 1000}
+
+
 def quality_ids(tokenizer) -> list[int]:
     return (tokenizer.prompt_prefix() + tokenizer.sp.encode(QUALITY_TEXT))[:128]
 
@@ -179,6 +197,7 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
     result["decode_tps"] = max(rates)
     result["step_ms"] = 1000 / max(rates)
     result["prompt_ms"] = prompt_sweep(model, tok)
+    result["chat_prompt"] = chat_prompt(loaded)
     result["cpu_kernels"] = loaded.cpu_kernels and {k: v for k, v in loaded.cpu_kernels.items() if k != "measured"}
     result["bytes_per_token"] = weight_bytes_per_token(model)
     result["params_per_token"] = matmul_params(model.config)
@@ -338,7 +357,10 @@ def print_result(r: dict) -> None:
           f"{r['prefill_tps']:.1f} tok/s = {prefill_gflops:.0f} GFLOPS = {prefill_gflops / r['matmul_gflops']:.2f} "
           f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}\n"
           f"    kernels {r['cpu_kernels']}; decode step {r['step_ms']:.0f} ms; a prompt of M tokens (ms): "
-          f"{r['prompt_ms']}", flush=True)
+          f"{r['prompt_ms']}\n"
+          f"    a new conversation's {r['chat_prompt']['tokens']}-token question after another one (the engine): "
+          f"{r['chat_prompt']['cached']} tokens from the prefix cache, TTFT {r['chat_prompt']['ttft_ms']:.0f} ms "
+          f"= {r['chat_prompt']['ttft_ms'] / r['step_ms']:.1f} decode steps", flush=True)
 
 
 if __name__ == "__main__":
