@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine import REAL_TOKENIZER, SIX_B  # noqa: E402
+from bench.bench_engine import REAL_TOKENIZER, SIX_B, engine_for  # noqa: E402
 
 GREEDY = dict(temperature=0.0)
 QUESTION = ("请根据下面的材料回答问题，并给出理由。材料：北京是中华人民共和国的首都，历史悠久，文化灿烂，"
@@ -66,14 +66,6 @@ def load(folder: Path, config: str):
     loaded = load_model(folder, plan)
     print(f"loaded {config} in {time.perf_counter() - start:.1f} s")
     return loaded
-
-
-def engine_for(loaded, **options):
-    from server.engine import Engine
-
-    engine = Engine(**options)
-    engine.attach(loaded)
-    return engine
 
 
 def multi_turn(loaded, turns: int, reply: int, cache: bool) -> list[tuple[int, int, float]]:

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine import REAL_TOKENIZER, SIX_B  # noqa: E402
+from bench.bench_engine import REAL_TOKENIZER, SIX_B, engine_for  # noqa: E402
 
 CONFIGS = ("dense-16", "torch-4", "torch-8", "torch-8-torch", "torch-8-fbgemm", "torch-8-onednn", "bnb-4", "bnb-8")
 QUALITY_TEXT = ("北京是中华人民共和国的首都，历史悠久，文化灿烂。The quick brown fox jumps over the lazy dog. "
@@ -137,11 +137,9 @@ def prompt_sweep(model, tok) -> dict[int, float]:
 def chat_prompt(loaded, tokens: int = 20) -> dict:
     """A new conversation's first question of `tokens` prompt tokens through the engine, after another one: what
     a user meets, where the chat template's start comes from the prefix cache (the sweep above runs it too)."""
-    from server.engine import Engine
     from server.engine.budget import GenerationRequest
 
-    engine = Engine(max_batch=1, prompt_cache_mb=256)
-    engine.attach(loaded)
+    engine = engine_for(loaded, max_batch=1, prompt_cache_mb=256)
     engine.submit(GenerationRequest(query="你好，请介绍一下你自己。", max_new_tokens=4, temperature=0)).wait()
     words = loaded.tokenizer.sp.encode("明天北京的天气怎么样？适合带孩子去公园散步吗？请简单说说理由。" * 4)
     query = next(q for q in (loaded.tokenizer.decode(words[:n]) for n in range(1, len(words)))

@@ -86,6 +86,15 @@ def bare_generate(model, prompt_ids, n):
     return first, (n - 1) / (total - first)
 
 
+def engine_for(loaded, **options):
+    """An engine attached to an already loaded model (each bench part a new one over the same weights)."""
+    from server.engine import Engine
+
+    engine = Engine(**options)
+    engine.attach(loaded)
+    return engine
+
+
 def engine_generate(engine, query, n):
     from server.engine.budget import GenerationRequest
 
@@ -113,7 +122,6 @@ def main() -> None:
     args = parser.parse_args()
 
 
-    from server.engine import Engine
     from server.model.loader import load_model
 
     folder = prepare_checkpoint(args.dir, args.layers, args.device)
@@ -138,8 +146,7 @@ def main() -> None:
     for precision in args.precisions.split(","):
         loaded = load_model(folder, plan_for_precision(precision, args.device))
         prompt = loaded.tokenizer.build_prompt(query, [])
-        engine = Engine()
-        engine.attach(loaded)
+        engine = engine_for(loaded)
         bare, eng = [], []
         for i in range(args.repeats + 1):  # the first run warms up and is not counted
             b, e = bare_generate(loaded.model, prompt, args.tokens), engine_generate(engine, query, args.tokens)
