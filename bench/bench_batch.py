@@ -18,8 +18,9 @@ The checkpoint is bench_cpu.py's (written when missing). Three measurements:
 4. Chunked prefill (`gap`): a 2,000-token prompt joins 3 decoding streams; the longest, the 90th percentile and
    the median pause between two tokens of a running stream against its normal step and the prompt's last chunk
    alone (over a cache of the rest, where a chunk costs most), how many pauses exceed two steps and that chunk,
-   with the prompt in chunks (on the CPU inside the decode step, the default, and apart from it) and in one
-   piece, and the throughput.
+   with the prompt in chunks (on the CPU inside the decode step, the default, and apart from it), on the CPU
+   layer by layer where its rows expand the weights (the default there; the chunk: one layer pass alone, the
+   slowest) and in one piece, and the throughput.
 5. Features (`features`): one stream's decode tok/s plain, under a JSON schema (the grammar's mask each token)
    and with logprobs (top 5), against the plain figure.
 6. Restart (`restart`, not run by default): the next turn of a 4,000-token conversation after a restart (the
@@ -127,19 +128,24 @@ def arriving(loaded, reply: int) -> tuple[float, float, float]:
     return ttft, prefill, step
 
 
-def gap(loaded, chunk: int, prompt_tokens: int, mixed: bool | None = None) -> dict:
+def gap(loaded, chunk: int, prompt_tokens: int, **options) -> dict:
     """The longest pause between two tokens of a decoding stream while a long prompt joins 3 of them, and the
-    time one chunk of that prompt takes alone."""
+    time one chunk of that prompt takes alone (by layers: one layer pass over the whole prompt, the first and
+    the slowest). `options`: the engine's (mixed_steps, layered_from)."""
     from server.engine.budget import GenerationRequest
 
-    alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
-    piece = GenerationRequest(query=question(8, loaded.tokenizer, tokens=min(chunk, prompt_tokens)), max_new_tokens=1,
-                              **GREEDY)
-    chunk_alone = min(alone.submit(piece).wait().first_token_seconds for _ in range(2))
-    alone.close()
     long_query = question(7, loaded.tokenizer, tokens=prompt_tokens)
-    last_chunk = last_chunk_seconds(loaded, loaded.tokenizer.build_prompt(long_query, []), chunk)
-    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, mixed_steps=mixed)
+    ids = loaded.tokenizer.build_prompt(long_query, [])
+    engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, **options)
+    if len(ids) >= engine.layered_from:
+        chunk_alone, last_chunk = layer_pass_seconds(loaded, ids)
+    else:
+        alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
+        piece = GenerationRequest(query=question(8, loaded.tokenizer, tokens=min(chunk, prompt_tokens)),
+                                  max_new_tokens=1, **GREEDY)
+        chunk_alone = min(alone.submit(piece).wait().first_token_seconds for _ in range(2))
+        alone.close()
+        last_chunk = last_chunk_seconds(loaded, ids, chunk)
     others = [engine.submit(GenerationRequest(query=f"other {i}", max_new_tokens=100000, **GREEDY)) for i in range(3)]
     for job in others:
         job.next_event()
@@ -171,6 +177,25 @@ def gap(loaded, chunk: int, prompt_tokens: int, mixed: bool | None = None) -> di
                            "next: " + ", ".join(f"{pauses[i] * 1000:.0f} ms at {i + 1}" for i in top[1:])),
             "chunk alone": chunk_alone, "last chunk": last_chunk,
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
+
+
+def layer_pass_seconds(loaded, ids: list[int]) -> tuple[float, float]:
+    """A prompt run layer by layer alone (engine/layered_prefill.py): its first layer pass and its slowest."""
+    import torch
+    from transformers import DynamicCache
+
+    from server.engine.layered_prefill import LayeredPiece
+    from server.engine.sizing import PROMPT_PIECE
+
+    times = []
+    with torch.inference_mode():
+        piece = LayeredPiece(loaded.model, ids[:PROMPT_PIECE], DynamicCache(config=loaded.model.config))
+        logits = None
+        while logits is None:
+            start = time.perf_counter()
+            logits = piece.run_layer()
+            times.append(time.perf_counter() - start)
+    return times[0], max(times)
 
 
 def last_chunk_seconds(loaded, ids: list[int], chunk: int) -> float:
@@ -314,19 +339,24 @@ def main() -> None:
               f"(TTFT ÷ limit {ttft / (prefill + 2 * step):.2f}){peak_gib()}")
 
     if "gap" in parts:
-        from server.engine.sizing import DEFAULT_PREFILL_CHUNK
+        from server.engine.sizing import DEFAULT_PREFILL_CHUNK, PROMPT_PIECE
 
         print(f"\n4. a {args.gap_tokens}-token prompt joins 3 decoding streams:")
         print("| prefill chunk | normal step | longest pause (which of all) | median pause | first chunk alone "
               "| last chunk alone | longest ÷ (2 steps + last chunk) | pauses over that bound | 90th percentile "
               "pause ÷ bound | prompt TTFT | stream tok/s meanwhile |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
+        from server.engine.layered_prefill import layered_from
+
         chunk = DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
-        variants = [(chunk, None, f"{chunk}"), (args.gap_tokens, None, "whole prompt")]
-        if loaded.device.type == "cpu":  # chunks inside the decode step (the default) and apart from it
-            variants[1:1] = [(chunk, False, f"{chunk}, apart from the step")]
-        for size, mixed, name in variants:
-            r = gap(loaded, size, args.gap_tokens, mixed)
+        variants = [(chunk, {}, f"{chunk}"), (args.gap_tokens, {}, "whole prompt")]
+        if loaded.device.type == "cpu":  # chunks inside the decode step and apart from it
+            tokens = {"layered_from": 0}
+            variants[1:1] = [(chunk, {**tokens, "mixed_steps": False}, f"{chunk}, apart from the step")]
+            if layered_from(loaded.model, chunk) <= min(args.gap_tokens, PROMPT_PIECE):  # the default: by layers
+                variants[:1] = [(chunk, {}, "layer by layer"), (chunk, tokens, f"{chunk}, inside the step")]
+        for size, options, name in variants:
+            r = gap(loaded, size, args.gap_tokens, **options)
             limit = 2 * r["step"] + (r["last chunk"] or r["chunk alone"])  # the whole prompt: one chunk
             # a shared host slows down for seconds at a time: how many pauses, not only the longest, exceed it
             over = sum(1 for pause in r["pauses"] if pause > limit)

@@ -3,9 +3,11 @@ together in a batch (continuous batching), starting from the prefix cache where 
 
 A job is submitted (its prompt fitted to the context at once, so callers learn about overflow before anything
 streams) and waits its turn. Between decode steps the worker admits queued jobs while the batch has room: each
-runs its prompt alone (only the part the prefix cache does not hold), then joins the batch, whose every step
-gives each row one token. Jobs leave at eos, a stop string, their length, an interrupt or a disconnect (the
-cancel flag, checked after every token) without disturbing the rest; what they computed goes to the prefix cache.
+runs its prompt (only the part the prefix cache does not hold) in chunks, between the batch's decode steps or
+inside them (mixed_step.py), or, when long, one decoder layer per step beside them (layered_prefill.py), then
+joins the batch, whose every step gives each row one token. Jobs leave at eos, a stop string, their length, an
+interrupt or a disconnect (the cancel flag, checked after every token) without disturbing the rest; what they
+computed goes to the prefix cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .sizing import DEFAULT_PREFILL_CHUNK, PROMPT_PIECE, batch_size, context_tha
 if TYPE_CHECKING:  # torch and transformers are imported when a model arrives, so HTTP can start without them
     from ..model.loader import LoadedModel
     from .batch import Batch
+    from .layered_prefill import LayeredPiece
     from .prefix_cache import PrefixCache
     from .sequence import Sequence
 
@@ -40,6 +43,7 @@ class Prefilling:
     cache: object  # DynamicCache, filled chunk by chunk
     todo: list[int]  # prompt ids not run yet
     followers: list[Sequence] = field(default_factory=list)  # same prompt, admitted with it: share its run
+    piece: LayeredPiece | None = None  # a piece of the prompt on its way through the layers (layered_prefill.py)
 
     @property
     def rows(self) -> int:
@@ -55,10 +59,13 @@ class Engine(EngineState):
 
     def __init__(self, max_queue: int = 8, reply_reserve: int = 512, max_batch: int = 0,
                  prompt_cache_mb: int | None = None, prefill_chunk: int = 0, prompt_cache_disk_mb: int = 0,
-                 mixed_steps: bool | None = None):
+                 mixed_steps: bool | None = None, layered_from: int | None = None):
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk  # 0: chosen in attach() from the device
         self.mixed_steps = mixed_steps  # prompt chunks inside the decode step; None: chosen in attach()
+        # prompt pieces of this many tokens or more run layer by layer beside decode steps; None: chosen in
+        # attach(), 0: never
+        self.layered_from = layered_from
         self.mixed_rows = 0  # the most rows such a pass may carry (0: none); set in attach()
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
@@ -102,6 +109,7 @@ class Engine(EngineState):
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
         self.mixed_rows = self._mixed_rows(loaded)
+        self.layered_from = self._layered_from(loaded)
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
@@ -116,6 +124,15 @@ class Engine(EngineState):
         if self.mixed_steps is None:
             return exact_rows(loaded.model) if loaded.device.type == "cpu" else 0
         return sys.maxsize if self.mixed_steps else 0
+
+    def _layered_from(self, loaded: LoadedModel) -> int:
+        """As asked, or automatically on the CPU (layered_prefill.layered_from); on a GPU prompt chunks are
+        large already (sizing.DEFAULT_PREFILL_CHUNK): never."""
+        from .layered_prefill import layered_from
+
+        if self.layered_from is None:
+            return layered_from(loaded.model, self.prefill_chunk) if loaded.device.type == "cpu" else sys.maxsize
+        return self.layered_from or sys.maxsize
 
     @property
     def state(self) -> str:
@@ -245,8 +262,8 @@ class Engine(EngineState):
             self._fail_all(WORKER_STOPPED, queued_too=True)
 
     def _turn(self) -> bool:
-        """Admit what fits, run one chunk of a waiting prompt, then one decode step. False once the engine is
-        closed and nothing runs."""
+        """Admit what fits, run one chunk of a waiting prompt (or one layer of a long one), then one decode
+        step. False once the engine is closed and nothing runs."""
         with self._lock:
             while not self._pending and not self._busy() and not self._closed:
                 self._lock.wait()
@@ -260,11 +277,15 @@ class Engine(EngineState):
         try:
             for job in admitted:
                 self._start(job)
-            mixed = self._mixed_chunk(self._prefilling[0]) if self._prefilling and self._batch.rows else 0
-            if mixed:
+            waiting = self._prefilling[0] if self._prefilling else None
+            if waiting and (waiting.piece or self._layered(waiting)):
+                self._layer_pass(waiting)
+                if self._batch.rows:
+                    self._step()
+            elif waiting and self._batch.rows and (mixed := self._mixed_chunk(waiting)):
                 self._chunk_and_step(mixed)
             else:
-                if self._prefilling:
+                if waiting:
                     self._prefill_chunk()
                 if self._batch.rows:
                     self._step()
@@ -336,6 +357,32 @@ class Engine(EngineState):
             self._fail([seq, *waiting.followers], exc)
             return
         self._prompt_ran(waiting, logits)
+
+    def _layered(self, waiting: Prefilling) -> bool:
+        """Whether this prompt's next piece runs layer by layer beside the batch's decode steps: when others
+        decode, the piece is long enough (`layered_from`) and not every position is scored (echo logprobs)."""
+        piece = min(len(waiting.todo), PROMPT_PIECE)
+        return bool(self._batch.rows) and waiting.seq.prompt_score is None and piece >= self.layered_from
+
+    def _layer_pass(self, waiting: Prefilling) -> None:
+        """Run the prompt's current piece (starting the next one, PROMPT_PIECE tokens at most) through its next
+        decoder layer; after the last layer the piece has run (`_prompt_ran`)."""
+        from .layered_prefill import LayeredPiece
+
+        if self._drop_if_cancelled(waiting):
+            return
+        try:
+            if waiting.piece is None:
+                piece, waiting.todo = waiting.todo[:PROMPT_PIECE], waiting.todo[PROMPT_PIECE:]
+                waiting.piece = LayeredPiece(self.loaded.model, piece, waiting.cache)
+            logits = waiting.piece.run_layer()
+        except Exception as exc:  # out of memory or a model error: these jobs fail, the engine goes on
+            self._prefilling.popleft()
+            self._fail([waiting.seq, *waiting.followers], exc)
+            return
+        if logits is not None:
+            waiting.piece = None
+            self._prompt_ran(waiting, logits)
 
     def _drop_if_cancelled(self, waiting: Prefilling) -> bool:
         """End the leading job of a waiting prompt if it was interrupted or disconnected while its prompt ran."""
