@@ -138,7 +138,7 @@ def gap(loaded, chunk: int, prompt_tokens: int, **options) -> dict:
     ids = loaded.tokenizer.build_prompt(long_query, [])
     engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, **options)
     if len(ids) >= engine.layered_from:
-        chunk_alone, last_chunk = layer_pass_seconds(loaded, ids)
+        chunk_alone, last_chunk = layer_pass_seconds(loaded, ids, engine.layered_piece)
     else:
         alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
         piece = GenerationRequest(query=question(8, loaded.tokenizer, tokens=min(chunk, prompt_tokens)),
@@ -179,17 +179,17 @@ def gap(loaded, chunk: int, prompt_tokens: int, **options) -> dict:
             "stream tok/s during": tokens / (stamps[-1][0] - stamps[before - 1][0])}
 
 
-def layer_pass_seconds(loaded, ids: list[int]) -> tuple[float, float]:
-    """A prompt run layer by layer alone (engine/layered_prefill.py): its first layer pass and its slowest."""
+def layer_pass_seconds(loaded, ids: list[int], piece_tokens: int) -> tuple[float, float]:
+    """A prompt's first piece run layer by layer alone (engine/layered_prefill.py): its first layer pass and its
+    slowest."""
     import torch
     from transformers import DynamicCache
 
     from server.engine.layered_prefill import LayeredPiece
-    from server.engine.sizing import PROMPT_PIECE
 
     times = []
     with torch.inference_mode():
-        piece = LayeredPiece(loaded.model, ids[:PROMPT_PIECE], DynamicCache(config=loaded.model.config))
+        piece = LayeredPiece(loaded.model, ids[:piece_tokens], DynamicCache(config=loaded.model.config))
         logits = None
         while logits is None:
             start = time.perf_counter()
@@ -339,21 +339,21 @@ def main() -> None:
               f"(TTFT ÷ limit {ttft / (prefill + 2 * step):.2f}){peak_gib()}")
 
     if "gap" in parts:
-        from server.engine.sizing import DEFAULT_PREFILL_CHUNK, PROMPT_PIECE
+        from server.engine.sizing import DEFAULT_PREFILL_CHUNK
 
         print(f"\n4. a {args.gap_tokens}-token prompt joins 3 decoding streams:")
         print("| prefill chunk | normal step | longest pause (which of all) | median pause | first chunk alone "
               "| last chunk alone | longest ÷ (2 steps + last chunk) | pauses over that bound | 90th percentile "
               "pause ÷ bound | prompt TTFT | stream tok/s meanwhile |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        from server.engine.layered_prefill import layered_from
-
         chunk = DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
         variants = [(chunk, {}, f"{chunk}"), (args.gap_tokens, {}, "whole prompt")]
         if loaded.device.type == "cpu":  # chunks inside the decode step and apart from it
             tokens = {"layered_from": 0}
             variants[1:1] = [(chunk, {**tokens, "mixed_steps": False}, f"{chunk}, apart from the step")]
-            if layered_from(loaded.model, chunk) <= min(args.gap_tokens, PROMPT_PIECE):  # the default: by layers
+            probe = engine_for(loaded, prefill_chunk=chunk)  # (what the engine chooses for this model here)
+            probe.close()
+            if probe.layered_from <= args.gap_tokens:  # the default there: by layers
                 variants[:1] = [(chunk, {}, "layer by layer"), (chunk, tokens, f"{chunk}, inside the step")]
         for size, options, name in variants:
             r = gap(loaded, size, args.gap_tokens, **options)

@@ -90,7 +90,9 @@ class Settings:
     prefill_chunk: int = option(
         0, "prompt tokens run with each decode step while other replies stream (chunked prefill: a long prompt "
            "does not stall them; on a CPU in the same forward pass, the replies' tokens counted in, on a GPU "
-           "between two steps); 0 = automatic: 16 on a CPU, 2048 on a GPU")
+           "between two steps); 0 = automatic: 16 on a CPU, 2048 on a GPU. On a CPU a prompt longer than the "
+           "model's layers times this many tokens, whose rows make the quantized layers expand their weights, runs "
+           "one layer per step instead, in pieces whose pass costs no more than a chunk's")
     prompt_cache_mb: int | None = option(
         None, "RAM (MB) for the keys and values of recent conversations, so that the next turn computes only its "
               "new tokens; 0 turns it off; default 1024 (less on PCs with under 16 GB of RAM)")

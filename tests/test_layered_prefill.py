@@ -9,19 +9,23 @@ import pytest
 
 from server.engine.budget import GenerationRequest
 from server.engine.engine import Engine
-from server.engine.layered_prefill import LayeredPiece, layered_from
+from server.engine.layered_prefill import LayeredPiece, layered_from, pass_tokens
+from server.engine.sizing import PROMPT_PIECE
 from server.model.cpu_quant import QuantizedLinear
 from server.model.loader import load_model
 from tests.conftest import cpu_plan
 
 GREEDY = dict(temperature=0.0)
 LONG = "写一首关于春天的诗, hello world " * 3
+LAYERED = 32  # what the rule gives 2 layers and 16-token chunks where a layer pass is cheap (the last test)
 
 
 @pytest.fixture(scope="module")
 def expanding(tiny_checkpoint):
     """The tiny model at 8 bits on torch's int8 kernel, whose layers expand their weights to bfloat16 from 8
-    prompt rows (on a real model: from tens of rows, as cpu_kernels.py measures)."""
+    prompt rows (on a real model: from tens of rows, as cpu_kernels.py measures). With its 2 layers no piece
+    passes through a layer cheaper than a chunk through both on the kernel (pass_tokens): the engines below
+    are told from how many tokens to run by layers (LAYERED)."""
     plan = dataclasses.replace(cpu_plan(bits=8, dtype="bfloat16"), backend="torch", int8_kernel="torch")
     loaded = load_model(tiny_checkpoint, plan)
     for layer in loaded.model.modules():
@@ -42,14 +46,15 @@ def test_a_long_prompt_runs_one_layer_per_step_of_the_others_and_gets_its_reply_
     request = dict(query=query, max_new_tokens=6, logprobs=3, **GREEDY)
     prompt_cache_mb = 64 if cached else 0
     alone_engine = engine_for(expanding, max_batch=1, prompt_cache_mb=prompt_cache_mb)
-    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=prompt_cache_mb, prefill_chunk=16)
+    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=prompt_cache_mb, prefill_chunk=16,
+                        layered_from=LAYERED)
     if cached:
         for each in (alone_engine, engine):
             each.submit(GenerationRequest(query=LONG, max_new_tokens=2, **GREEDY)).wait(60)
     alone_job = alone_engine.submit(GenerationRequest(**request))
     alone = alone_job.wait(60)
     assert (alone.cached_tokens > 0) == cached
-    assert engine.layered_from == max(8, layers(expanding) * 16) <= alone.prompt_tokens - alone.cached_tokens
+    assert engine.layered_piece == PROMPT_PIECE and alone.prompt_tokens - alone.cached_tokens >= LAYERED
 
     running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))
     running.next_event(timeout=30)
@@ -68,11 +73,30 @@ def test_a_long_prompt_runs_one_layer_per_step_of_the_others_and_gets_its_reply_
     assert [(t.logprob, t.top) for t in together_job.logprobs] == [(t.logprob, t.top) for t in alone_job.logprobs]
 
 
+def test_a_prompt_longer_than_a_piece_runs_piece_by_piece_and_its_short_rest_in_token_chunks(engine_for, expanding,
+                                                                                             monkeypatch):
+    request = GenerationRequest(query=LONG + " once more," * 8, max_new_tokens=3, **GREEDY)
+    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=0, prefill_chunk=16, layered_from=LAYERED)
+    tokens = len(engine.fit(request).ids)
+    engine.layered_piece = (tokens - 20) // 2  # two pieces, and a rest shorter than LAYERED: token chunks
+    assert engine.layered_piece >= LAYERED > tokens - 2 * engine.layered_piece
+    pieces = []
+    start = LayeredPiece.__init__
+    monkeypatch.setattr(LayeredPiece, "__init__", lambda piece, model, ids, cache: (
+        pieces.append(len(ids)), start(piece, model, ids, cache))[1])
+    running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))
+    running.next_event(timeout=30)
+    done = engine.submit(request).wait(60)
+    engine.interrupt()
+    assert done.finish_reason == "length" and done.prompt_tokens == tokens
+    assert pieces == [engine.layered_piece] * 2  # (the rest ran in token chunks: the prompt is whole)
+
+
 def test_short_prompts_and_idle_engines_do_not_run_layer_by_layer(engine_for, expanding, monkeypatch):
     passes = []
     layer_pass = Engine._layer_pass
     monkeypatch.setattr(Engine, "_layer_pass", lambda self, waiting: (passes.append(1), layer_pass(self, waiting))[1])
-    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=0, prefill_chunk=16)
+    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=0, prefill_chunk=16, layered_from=LAYERED)
     engine.submit(GenerationRequest(query=LONG, max_new_tokens=2, **GREEDY)).wait(60)  # nothing else decodes
     running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))
     running.next_event(timeout=30)
@@ -81,23 +105,54 @@ def test_short_prompts_and_idle_engines_do_not_run_layer_by_layer(engine_for, ex
     assert short.prompt_tokens < engine.layered_from and passes == []
 
 
-def test_where_layers_never_expand_prompts_run_in_token_chunks(tiny_checkpoint, tiny_model, expanding):
+def kernels(kernel_rows_ms: float, dense_rows_ms: float, expand_ms: float, int8: str = "onednn") -> dict:
+    """The start-up timings as the loader keeps them (cpu_kernels.py: 32 rows on the int4 kernel, 128 on the
+    bfloat16 matmul, expanding the matrix); with int8 "torch" the same figures for torch's int8 kernel."""
+    prefill = {"int4": kernel_rows_ms, "bfloat16": dense_rows_ms, "expand-int4": expand_ms}
+    if int8 == "torch":
+        prefill.update({"int8-torch": kernel_rows_ms, "expand-int8": expand_ms})
+    return {"int8": int8, "dense_dtype": "bfloat16", "measured": {"prefill_ms": prefill}}
+
+
+def test_a_layer_pass_takes_as_many_tokens_as_keep_it_within_a_chunks_pass():
+    """Figures of the kind measured at start: on an AMX Xeon (a row 0.83 ms on the kernel, 0.1 dense) a whole
+    piece fits; where the dense rows cost more (AVX512 without AMX) a fraction; a chunk through 2 layers on the
+    kernel is cheaper than one expansion: none."""
+    xeon = kernels(26.6, 12.4, 116.3)  # a chunk's pass: 28 x 16 x 0.83 = 372 ms a matrix
+    assert pass_tokens(xeon, 4, 28, 16) == int((28 * 16 * 26.6 / 32 - 116.3) / (12.4 / 128)) > PROMPT_PIECE
+    slower_dense = kernels(26.6, 60.0, 116.3)
+    assert 448 < pass_tokens(slower_dense, 4, 28, 16) < PROMPT_PIECE // 2
+    assert pass_tokens(xeon, 4, 2, 16) == 0  # 2 layers: 26.6 ms of kernel rows, 116 of expansion
+    assert pass_tokens(xeon, 8, 28, 16) == 0  # no int8 timings: oneDNN's GEMM does not expand
+    assert pass_tokens(None, 4, 28, 16) == 0  # a GPU: nothing measured
+
+
+def test_where_layers_never_expand_or_passes_cost_more_prompts_run_in_token_chunks(tiny_checkpoint, tiny_model,
+                                                                                   expanding):
+    assert layered_from(expanding.model, 16, PROMPT_PIECE) == layers(expanding) * 16  # 32 rows: fewer passes
+    assert layered_from(expanding.model, 2, PROMPT_PIECE) == 8  # (its layers expand from 8 rows)
+    assert layered_from(expanding.model, 16, 64) == 32
+    assert layered_from(expanding.model, 16, 63) == sys.maxsize  # a pass within a chunk's: under twice the line
+    assert layered_from(tiny_model.model, 4, PROMPT_PIECE) == sys.maxsize  # float32 layers: no kernel to leave
     int4 = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
-    expands = {m.dense_from_tokens for m in int4.model.modules() if isinstance(m, QuantizedLinear)}
-    assert layered_from(int4.model, 16) == (sys.maxsize if expands == {sys.maxsize} else
-                                            max(min(expands), layers(int4) * 16))
-    assert layered_from(expanding.model, 16) == layers(expanding) * 16  # 32 rows: fewer passes than chunks
-    assert layered_from(tiny_model.model, 4) == sys.maxsize  # float32 layers: no kernel to leave
     for layer in int4.model.modules():
         if isinstance(layer, QuantizedLinear):
             layer.dense_from_tokens = sys.maxsize
-    assert layered_from(int4.model, 16) == sys.maxsize
+    assert layered_from(int4.model, 16, PROMPT_PIECE) == sys.maxsize
+    for timings, expected in ((kernels(600.0, 12.4, 116.3, "torch"), (32, PROMPT_PIECE)),  # slow kernel rows
+                              (kernels(26.6, 12.4, 116.3, "torch"), (sys.maxsize, 0))):  # 2 layers: 27 < 116
+        engine = Engine(prefill_chunk=16)
+        engine.attach(dataclasses.replace(expanding, cpu_kernels=timings))
+        try:
+            assert (engine.layered_from, engine.layered_piece) == expected
+        finally:
+            engine.close()
 
 
 @pytest.mark.parametrize("what", ["interrupted", "fails"])
 def test_a_prompt_interrupted_or_failing_between_its_layers_leaves_the_others_decoding(engine_for, expanding,
                                                                                        monkeypatch, what):
-    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=0, prefill_chunk=16)
+    engine = engine_for(expanding, max_batch=4, prompt_cache_mb=0, prefill_chunk=16, layered_from=LAYERED)
     running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))
     running.next_event(timeout=30)
     run_layer = LayeredPiece.run_layer

@@ -66,6 +66,7 @@ class Engine(EngineState):
         # prompt pieces of this many tokens or more run layer by layer beside decode steps; None: chosen in
         # attach(), 0: never
         self.layered_from = layered_from
+        self.layered_piece = PROMPT_PIECE  # the most tokens of such a piece; set in attach()
         self.mixed_rows = 0  # the most rows such a pass may carry (0: none); set in attach()
         self.reply_reserve = reply_reserve
         self.max_batch = max_batch  # 0: chosen in attach() from the device and its free memory
@@ -109,7 +110,7 @@ class Engine(EngineState):
         self._batch = Batch(loaded.model)
         self.prefill_chunk = self.prefill_chunk or DEFAULT_PREFILL_CHUNK.get(loaded.device.type, 512)
         self.mixed_rows = self._mixed_rows(loaded)
-        self.layered_from = self._layered_from(loaded)
+        self.layered_from, self.layered_piece = self._layered(loaded)
         log.info("decoding up to %d requests together; prefix cache %d MB", self.max_batch, self.prompt_cache_mb)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
@@ -125,14 +126,19 @@ class Engine(EngineState):
             return exact_rows(loaded.model) if loaded.device.type == "cpu" else 0
         return sys.maxsize if self.mixed_steps else 0
 
-    def _layered_from(self, loaded: LoadedModel) -> int:
-        """As asked, or automatically on the CPU (layered_prefill.layered_from); on a GPU prompt chunks are
-        large already (sizing.DEFAULT_PREFILL_CHUNK): never."""
-        from .layered_prefill import layered_from
+    def _layered(self, loaded: LoadedModel) -> tuple[int, int]:
+        """From how many prompt tokens a piece runs layer by layer, and its most tokens: as asked (pieces of
+        PROMPT_PIECE), or automatically on the CPU from the start-up timings (layered_prefill.py); on a GPU
+        prompt chunks are large already (sizing.DEFAULT_PREFILL_CHUNK): never."""
+        from .layered_prefill import layered_from, pass_tokens
 
-        if self.layered_from is None:
-            return layered_from(loaded.model, self.prefill_chunk) if loaded.device.type == "cpu" else sys.maxsize
-        return self.layered_from or sys.maxsize
+        if self.layered_from is not None:
+            return self.layered_from or sys.maxsize, PROMPT_PIECE
+        if loaded.device.type != "cpu":
+            return sys.maxsize, PROMPT_PIECE
+        piece = min(PROMPT_PIECE, pass_tokens(loaded.cpu_kernels, loaded.plan.bits,
+                                              loaded.model.config.num_hidden_layers, self.prefill_chunk))
+        return layered_from(loaded.model, self.prefill_chunk, piece), piece
 
     @property
     def state(self) -> str:
@@ -278,7 +284,7 @@ class Engine(EngineState):
             for job in admitted:
                 self._start(job)
             waiting = self._prefilling[0] if self._prefilling else None
-            if waiting and (waiting.piece or self._layered(waiting)):
+            if waiting and (waiting.piece is not None or self._by_layers(waiting)):
                 self._layer_pass(waiting)
                 if self._batch.rows:
                     self._step()
@@ -358,22 +364,23 @@ class Engine(EngineState):
             return
         self._prompt_ran(waiting, logits)
 
-    def _layered(self, waiting: Prefilling) -> bool:
+    def _by_layers(self, waiting: Prefilling) -> bool:
         """Whether this prompt's next piece runs layer by layer beside the batch's decode steps: when others
         decode, the piece is long enough (`layered_from`) and not every position is scored (echo logprobs)."""
-        piece = min(len(waiting.todo), PROMPT_PIECE)
+        piece = min(len(waiting.todo), self.layered_piece)
         return bool(self._batch.rows) and waiting.seq.prompt_score is None and piece >= self.layered_from
 
     def _layer_pass(self, waiting: Prefilling) -> None:
-        """Run the prompt's current piece (starting the next one, PROMPT_PIECE tokens at most) through its next
-        decoder layer; after the last layer the piece has run (`_prompt_ran`)."""
+        """Run the prompt's current piece (starting the next one, `layered_piece` tokens at most) through its
+        next decoder layer; after the last layer the piece has run (`_prompt_ran`)."""
         from .layered_prefill import LayeredPiece
 
         if self._drop_if_cancelled(waiting):
             return
         try:
             if waiting.piece is None:
-                piece, waiting.todo = waiting.todo[:PROMPT_PIECE], waiting.todo[PROMPT_PIECE:]
+                size = self.layered_piece
+                piece, waiting.todo = waiting.todo[:size], waiting.todo[size:]
                 waiting.piece = LayeredPiece(self.loaded.model, piece, waiting.cache)
             logits = waiting.piece.run_layer()
         except Exception as exc:  # out of memory or a model error: these jobs fail, the engine goes on

@@ -19,21 +19,42 @@ import sys
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from ..model import cpu_kernels
 from ..model.cpu_quant import QuantizedLinear
 from ..model.forward import CACHE_ARG
 
 
-def layered_from(model, prefill_chunk: int) -> int:
-    """Prompt pieces of this many tokens or more run layer by layer beside decode steps: where their rows make a
-    quantized layer expand its weights (a token chunk's rows stay on the slower kernel) and the layers take fewer
-    passes than `prefill_chunk`-token chunks would. Never (sys.maxsize) where no layer expands for any prompt (the
-    int8 GEMMs, plain AVX2 CPUs) or the layers are dense: there a token chunk costs what its rows cost in a
-    layer pass, and chunks keep the pauses shorter."""
+def pass_tokens(kernels: dict | None, bits: int, layers: int, prefill_chunk: int) -> int:
+    """The most prompt tokens one layer pass may take so that it costs no more than a token chunk's pass
+    (`prefill_chunk` rows through every layer on the quantized kernel), which the streams wait for otherwise: one
+    layer expanding its weights, then the rows on the dense matmul. From the start-up timings of one matrix
+    (cpu_kernels.py: its kernel's, its dense matmul's cost per row and its expansion; a layer scales them alike).
+    On an AMX Xeon a whole 2,048-token piece fits; where bfloat16 runs on AVX512 alone (a Zen 4) a fraction of it.
+    0: no such timings (a GPU, no expansion measured)."""
+    prefill = ((kernels or {}).get("measured") or {}).get("prefill_ms", {})
+    kernel = prefill.get("int4" if bits == 4 else f"int8-{(kernels or {}).get('int8')}")
+    dense = prefill.get((kernels or {}).get("dense_dtype", ""))
+    expand = prefill.get(f"expand-int{bits}")
+    if kernel is None or dense is None or expand is None:
+        return 0
+    kernel_row, dense_row = kernel / cpu_kernels.PREFILL_ROWS, dense / cpu_kernels.DENSE_ROWS
+    return max(0, int((layers * prefill_chunk * kernel_row - expand) / dense_row))
+
+
+def layered_from(model, prefill_chunk: int, piece_tokens: int) -> int:
+    """Prompt pieces of this many tokens or more run layer by layer beside decode steps, pieces of at most
+    `piece_tokens` (pass_tokens): where their rows make a quantized layer expand its weights (a token chunk's
+    rows stay on the slower kernel) and the layers take fewer passes than `prefill_chunk`-token chunks would.
+    Never (sys.maxsize) where no layer expands for any prompt (the int8 GEMMs, plain AVX2 CPUs), the layers are
+    dense (there a token chunk costs what its rows cost in a layer pass, and chunks keep the pauses shorter), or
+    a piece within a chunk's pass holds fewer than twice those tokens: the estimate leaves out attention and the
+    small ops and moves with the machine's load, and near the line a layer pass costs more than a chunk's (on an
+    AVX512 CPU without AMX, emulated: 556-token pieces paused the streams longer, with no sooner first token;
+    docs/performance.md). An AMX Xeon's figures allow whole pieces, 5 times the line."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     expand = min((m.dense_from_tokens for m in layers), default=sys.maxsize)
-    if expand == sys.maxsize:
-        return sys.maxsize
-    return max(expand, model.config.num_hidden_layers * prefill_chunk)
+    least = max(expand, model.config.num_hidden_layers * prefill_chunk)
+    return least if expand != sys.maxsize and piece_tokens >= 2 * least else sys.maxsize
 
 
 class LayeredPiece:
