@@ -113,9 +113,13 @@ def test_sigterm_ends_running_and_queued_streams_cleanly(tmp_path, tiny_checkpoi
 
 
 CONSOLE_CLOSE = r'''
-import json, sys, threading, time
+import json, signal, sys, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+# Windows starts every process with Python's Ctrl+C handler, which interrupt_main() needs. A POSIX shell's
+# background job (`./test.sh &` in a script) starts with SIGINT ignored, and interrupt_main() then does nothing:
+# the suite run that way hung here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from server import run
 from server.config import Settings
 from tests.live import last_stream_event, wait_until_ready
