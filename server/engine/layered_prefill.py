@@ -4,9 +4,10 @@ the quantized layers expand their weights).
 Token chunks keep a prompt's rows few, so they stay on the quantized kernels: at 4-bit ~80 ms a prompt token on 2
 cores, against ~10 once a layer has expanded its weights to bfloat16 for many rows (cpu_quant.py). Run whole, a
 prompt expands each weight once for all its rows, but freezes the other streams until it is done. Layer by
-layer, each turn runs every row of the prompt (a piece of up to PROMPT_PIECE tokens) through one decoder layer,
-expanding that layer's weights once, and then the batch's decode step: the streams pause for one layer's share
-of the prompt, and the prompt costs what it costs whole plus the decode steps (docs/performance.md).
+layer, each turn runs every row of a piece of the prompt (up to PROMPT_PIECE tokens, as many as keep the pass
+within a token chunk's) through one decoder layer, expanding that layer's weights once, and then the batch's
+decode step: the streams pause for one layer's share of the piece, and the prompt costs about what it costs
+whole plus the decode steps (docs/performance.md, "Layer by layer").
 
 The calls are those the model makes for the piece whole (the same layers on the same rows, the same causal mask
 and positions, made as GlmModel.forward makes them), so the piece's logits are those it gets run whole alone.
@@ -31,9 +32,10 @@ def pass_tokens(kernels: dict | None, bits: int, layers: int, prefill_chunk: int
     (cpu_kernels.py: its kernel's, its dense matmul's cost per row and its expansion; a layer scales them alike).
     On an AMX Xeon a whole 2,048-token piece fits; where bfloat16 runs on AVX512 alone (a Zen 4) a fraction of it.
     0: no such timings (a GPU, no expansion measured)."""
-    prefill = ((kernels or {}).get("measured") or {}).get("prefill_ms", {})
-    kernel = prefill.get("int4" if bits == 4 else f"int8-{(kernels or {}).get('int8')}")
-    dense = prefill.get((kernels or {}).get("dense_dtype", ""))
+    kernels = kernels or {}
+    prefill = (kernels.get("measured") or {}).get("prefill_ms", {})
+    kernel = prefill.get("int4" if bits == 4 else f"int8-{kernels.get('int8')}")
+    dense = prefill.get(kernels.get("dense_dtype", ""))
     expand = prefill.get(f"expand-int{bits}")
     if kernel is None or dense is None or expand is None:
         return 0
