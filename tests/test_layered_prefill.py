@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 import pytest
+import requests
 
 from server.engine.budget import GenerationRequest
 from server.engine.engine import Engine
@@ -176,3 +177,11 @@ def test_a_prompt_interrupted_or_failing_between_its_layers_leaves_the_others_de
     again = engine.submit(GenerationRequest(query=LONG, max_new_tokens=2, **GREEDY)).wait(60)
     assert again.finish_reason == "length"
     engine.interrupt()
+
+
+def test_health_says_from_how_many_tokens_prompts_run_by_layers(engine_for, expanding, tiny_model, serve):
+    by_layers = serve(engine_for(expanding, prefill_chunk=16, layered_from=LAYERED))
+    health = requests.get(by_layers.url + "/health", timeout=10).json()
+    assert health["layered_prefill"] == {"from_tokens": LAYERED, "piece_tokens": PROMPT_PIECE}
+    in_chunks = serve(engine_for(tiny_model))  # float32 layers: never
+    assert requests.get(in_chunks.url + "/health", timeout=10).json()["layered_prefill"] is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -67,6 +68,7 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
             "queued_jobs": engine.queued_ids,
             "max_batch": engine.max_batch if loaded else None,
             "cpu_kernels": getattr(loaded, "cpu_kernels", None),  # which CPU kernels run, and their measured speeds
+            "layered_prefill": layered_prefill(engine) if loaded else None,
             "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache is not None else None,
             "version": __version__,
             "notices": engine.notices,
@@ -81,6 +83,16 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     return app
+
+
+def layered_prefill(engine: GenerationEngine) -> dict | None:
+    """From how many prompt tokens, in pieces of at most how many, a long prompt runs one decoder layer per decode
+    step of the other replies (engine/layered_prefill.py, chosen at start from the kernels' timings); None where
+    prompts always run in token chunks (or the engine is a front end)."""
+    start = getattr(engine, "layered_from", None)
+    if not start or start == sys.maxsize:
+        return None
+    return {"from_tokens": start, "piece_tokens": engine.layered_piece}
 
 
 def model_name(settings: Settings) -> str:
