@@ -130,14 +130,14 @@ def arriving(loaded, reply: int) -> tuple[float, float, float]:
 
 def gap(loaded, chunk: int, prompt_tokens: int, **options) -> dict:
     """The longest pause between two tokens of a decoding stream while a long prompt joins 3 of them, and the
-    time one chunk of that prompt takes alone (by layers: one layer pass over the whole prompt, the first and
-    the slowest). `options`: the engine's (mixed_steps, layered_from)."""
+    time one chunk of that prompt takes alone (by layers: one layer pass over its first piece, the first and the
+    slowest). `options`: the engine's (mixed_steps, layered_from)."""
     from server.engine.budget import GenerationRequest
 
     long_query = question(7, loaded.tokenizer, tokens=prompt_tokens)
     ids = loaded.tokenizer.build_prompt(long_query, [])
     engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, **options)
-    if len(ids) >= engine.layered_from:
+    if min(len(ids), engine.layered_piece) >= engine.layered_from:  # (as the engine decides)
         chunk_alone, last_chunk = layer_pass_seconds(loaded, ids, engine.layered_piece)
     else:
         alone = engine_for(loaded, max_batch=1, prompt_cache_mb=0)
