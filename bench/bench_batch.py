@@ -353,7 +353,7 @@ def main() -> None:
             variants[1:1] = [(chunk, {**tokens, "mixed_steps": False}, f"{chunk}, apart from the step")]
             probe = engine_for(loaded, prefill_chunk=chunk)  # (what the engine chooses for this model here)
             probe.close()
-            if probe.layered_from <= args.gap_tokens:  # the default there: by layers
+            if min(args.gap_tokens, probe.layered_piece) >= probe.layered_from:  # the default there: by layers
                 variants[:1] = [(chunk, {}, "layer by layer"), (chunk, tokens, f"{chunk}, inside the step")]
         for size, options, name in variants:
             r = gap(loaded, size, args.gap_tokens, **options)

@@ -374,7 +374,7 @@ def test_no_pass_mixes_more_rows_than_the_quantized_layers_keep_on_their_kernels
                                                                        mixed(self, size))[1])
     monkeypatch.setattr(Engine, "_prefill_chunk", lambda self: (chunks.append(("apart", 0)), apart(self))[1])
     for chunk, ways in ((4, {"mixed"}), (8, {"apart", "mixed"})):  # 1 + 4 rows mix; 1 + 7 do not, the last few do
-        # (token chunks here: a prompt whose rows expand would otherwise run layer by layer, tested below)
+        # (token chunks here: a prompt whose rows expand may otherwise run layer by layer, test_layered_prefill.py)
         engine = engine_for(loaded, max_batch=4, prompt_cache_mb=0, prefill_chunk=chunk, layered_from=0)
         assert engine.mixed_rows == 6
         running = engine.submit(GenerationRequest(query="hi", max_new_tokens=300, **GREEDY))

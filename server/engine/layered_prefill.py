@@ -21,7 +21,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from ..model import cpu_kernels
-from ..model.cpu_quant import QuantizedLinear
+from ..model.cpu_quant import expands_from_rows
 from ..model.forward import CACHE_ARG
 
 
@@ -53,8 +53,7 @@ def layered_from(model, prefill_chunk: int, piece_tokens: int) -> int:
     small ops and moves with the machine's load, and near the line a layer pass costs more than a chunk's (on an
     AVX512 CPU without AMX, emulated: 556-token pieces paused the streams longer, with no sooner first token;
     docs/performance.md). An AMX Xeon's figures allow whole pieces, 5 times the line."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    expand = min((m.dense_from_tokens for m in layers), default=sys.maxsize)
+    expand = expands_from_rows(model)
     least = max(expand, model.config.num_hidden_layers * prefill_chunk)
     return least if expand != sys.maxsize and piece_tokens >= 2 * least else sys.maxsize
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..model.attention import cpu_attention
-from ..model.cpu_quant import QuantizedLinear
+from ..model.cpu_quant import QuantizedLinear, expands_from_rows
 from ..model.forward import CACHE_ARG
 
 
@@ -32,7 +32,7 @@ def exact_rows(model) -> int:
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
     if not layers or any(isinstance(m, nn.Linear) for m in layers):
         return 0
-    return min(m.dense_from_tokens for m in layers) - 1
+    return expands_from_rows(model) - 1
 
 
 class MixedStep:

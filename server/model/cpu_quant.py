@@ -125,6 +125,12 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def expands_from_rows(model: nn.Module) -> int:
+    """The fewest prompt rows from which any of the model's quantized layers expands its weights (sys.maxsize:
+    none does, or it has none)."""
+    return min((m.dense_from_tokens for m in model.modules() if isinstance(m, QuantizedLinear)), default=sys.maxsize)
+
+
 class Int4Linear(QuantizedLinear):
     """W in 4 bits, groups of GROUP along K (see module doc)."""
 
