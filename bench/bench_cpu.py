@@ -9,8 +9,8 @@ shards in the hub layout). Each configuration runs in a fresh process (so its me
 (first start), loading to ready (a later start: the converted cache exists; warm-up included), peak RSS and peak
 anonymous memory (sampled every 20 ms), steady memory, time to first token of the first and of a later short
 request, decode tokens/s of a 64-token greedy reply (the faster of two), and prefill tokens/s of a 1,000-token
-prompt without any cache, and a new conversation's 20-token question through the engine after another conversation
-(the chat template's start comes from the prefix cache). Two probes run in the same process: memory read bandwidth
+prompt without any cache, and the first 20-token question through a new engine (the chat template's start comes
+from the prefix cache, which the engine fills with it at start). Two probes run in the same process: memory read bandwidth
 (a float32 sum over 2 GB) and bfloat16 matmul throughput; decode is reported against the bandwidth limit (bytes of
 weights read per token / bandwidth) and prefill against the matmul throughput. Quality: mean KL divergence and
 top-1 agreement of next-token distributions against the bfloat16 run on a fixed 128-token text (relative only: the
@@ -135,12 +135,12 @@ def prompt_sweep(model, tok) -> dict[int, float]:
 
 
 def chat_prompt(loaded, tokens: int = 20) -> dict:
-    """A new conversation's first question of `tokens` prompt tokens through the engine, after another one: what
-    a user meets, where the chat template's start comes from the prefix cache (the sweep above runs it too)."""
+    """The first question of `tokens` prompt tokens through a new engine: what a user meets after a start, where
+    the chat template's start comes from the prefix cache (the engine runs it at start; the sweep above runs it
+    too)."""
     from server.engine.budget import GenerationRequest
 
     engine = engine_for(loaded, max_batch=1, prompt_cache_mb=256)
-    engine.submit(GenerationRequest(query="你好，请介绍一下你自己。", max_new_tokens=4, temperature=0)).wait()
     words = loaded.tokenizer.sp.encode("明天北京的天气怎么样？适合带孩子去公园散步吗？请简单说说理由。" * 4)
     query = next(q for q in (loaded.tokenizer.decode(words[:n]) for n in range(1, len(words)))
                  if len(loaded.tokenizer.build_prompt(q, [])) >= tokens)
@@ -356,7 +356,7 @@ def print_result(r: dict) -> None:
           f"of the bf16 matmul's {r['matmul_gflops']:.0f}{quality}\n"
           f"    kernels {r['cpu_kernels']}; decode step {r['step_ms']:.0f} ms; a prompt of M tokens (ms): "
           f"{r['prompt_ms']}\n"
-          f"    a new conversation's {r['chat_prompt']['tokens']}-token question after another one (the engine): "
+          f"    the first {r['chat_prompt']['tokens']}-token question after a start (the engine): "
           f"{r['chat_prompt']['cached']} tokens from the prefix cache, TTFT {r['chat_prompt']['ttft_ms']:.0f} ms "
           f"= {r['chat_prompt']['ttft_ms'] / r['step_ms']:.1f} decode steps", flush=True)
 

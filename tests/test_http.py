@@ -101,7 +101,8 @@ def test_stream_framing_byte_for_byte(server_api, engine):
     # the same prompt again comes from the prefix cache (all but its last token), and greedy float32 is exact
     assert expected.cached_tokens == expected.prompt_tokens - 1
     assert done == {"finish_reason": "length", "id": r.headers["X-Job-Id"], "prompt_tokens": expected.prompt_tokens,
-                    "cached_tokens": 0, "completion_tokens": expected.completion_tokens, "dropped_rounds": 0,
+                    "cached_tokens": len(engine.loaded.tokenizer.conversation_start()),  # (cached at start)
+                    "completion_tokens": expected.completion_tokens, "dropped_rounds": 0,
                     "seconds": done["seconds"]}
     assert r.content.endswith(b"event: done\ndata: " + json.dumps(done, separators=(",", ":")).encode() + b"\n\n")
 
@@ -309,8 +310,12 @@ def test_health_reports_the_model(server):
     assert body["status"] == "ready" and body["device"] == "cpu" and body["precision"] == "float32"
     assert body["max_context"] == 256 and body["queue"] == 0 and body["version"]
     assert body["running_jobs"] == [] and body["queued_jobs"] == [] and body["max_batch"] >= 1
-    assert body["prompt_cache"] == {"entries": 0, "mb": 0.0, "max_mb": body["prompt_cache"]["max_mb"]}  # empty
+    # the chat template's start, run at start; the first conversation extends it and takes its place
+    assert body["prompt_cache"] == {"entries": 1, "mb": body["prompt_cache"]["mb"],
+                                    "max_mb": body["prompt_cache"]["max_mb"]}
     assert requests.post(server.url + "/stream", json={"query": "hi", "max_length": 40}).status_code == 200
+    (entry,) = server.engine.prefix_cache.entries.values()
+    assert len(entry.ids) > len(server.engine.loaded.tokenizer.conversation_start())
     assert requests.get(server.url + "/health").json()["prompt_cache"]["entries"] == 1
 
 

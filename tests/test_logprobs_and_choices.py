@@ -106,7 +106,8 @@ def test_n_choices_run_their_prompt_once(engine, tiny_model, prefill_lengths):
                                                 seed=i) for i in range(3)])
     results = [job.wait(timeout=60) for job in jobs]
     assert all(r.finish_reason == "length" and r.completion_tokens == 4 for r in results)
-    prompt = len(jobs[0].prompt.ids)
+    prompt = len(jobs[0].prompt.ids) - len(tiny_model.tokenizer.conversation_start())  # (cached at start)
+    assert results[0].cached_tokens == results[1].cached_tokens == len(jobs[0].prompt.ids) - prompt
     assert lengths.count(prompt) == 1, lengths
 
 

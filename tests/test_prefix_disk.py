@@ -86,3 +86,25 @@ def test_zero_turns_the_disk_tier_off(engine_for, tiny_model):
     assert engine.prefix_cache.disk is None and "disk" not in engine.prefix_cache.usage()
     engine.submit(GenerationRequest(query="hi", max_new_tokens=3, **GREEDY)).wait(60)
     assert len(engine.prefix_cache) == 1  # the memory tier alone
+
+
+def test_the_chat_templates_start_is_cached_at_start_in_memory_only(engine_for, tiny_checkpoint, tiny_model,
+                                                                    tmp_path):
+    """A new engine holds the template's start before any request, not on disk (that tier holds conversations);
+    a raw prompt that does not begin with it reuses nothing, and without a prefix cache nothing is run."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model_dir, ignore=shutil.ignore_patterns(FOLDER))  # (other tests' entries)
+    tiny_model.path = model_dir
+    try:
+        engine = engine_for(tiny_model, prompt_cache_disk_mb=64)
+    finally:
+        tiny_model.path = tiny_checkpoint
+    start = tiny_model.tokenizer.conversation_start()
+    (entry,) = engine.prefix_cache.entries.values()
+    assert entry.ids == start and entry.tensors[0][0].shape[2] == len(start)
+    engine.prefix_cache.disk.flush()
+    assert engine.prefix_cache.disk.entries == {} and list(engine.prefix_cache.disk.folder.iterdir()) == []
+    raw = engine.submit(GenerationRequest(query="", prompt_ids=start[2:] + [5, 6, 7], max_new_tokens=2,
+                                          **GREEDY)).wait(60)
+    assert raw.cached_tokens == 0 and raw.finish_reason == "length"
+    assert engine_for(tiny_model, prompt_cache_mb=0).prefix_cache.entries == {}

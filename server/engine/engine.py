@@ -103,6 +103,7 @@ class Engine(EngineState):
         if self.prompt_cache_mb is None:
             self.prompt_cache_mb = default_prompt_cache_mb()
         self.prefix_cache = PrefixCache(self.prompt_cache_mb * 1024**2, disk=self._disk_cache(loaded))
+        self._seed_prefix_cache(loaded)
         context = context_that_fits(loaded, self.prefix_cache.max_bytes)
         if context < loaded.plan.max_context:
             loaded.plan = replace(loaded.plan, max_context=context)
@@ -115,6 +116,26 @@ class Engine(EngineState):
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
         self.set_state("ready")
+
+    def _seed_prefix_cache(self, loaded: LoadedModel) -> None:
+        """Run the chat template's start, which every new conversation shares, into the prefix cache: the first
+        question after a start then reuses it as every later one does (on a CPU those are a few decode steps)."""
+        import torch
+
+        from ..model.forward import prefill
+        from .batch import cache_from
+
+        ids = loaded.tokenizer.conversation_start()
+        if not self.prefix_cache.max_bytes or not ids:
+            return
+        try:
+            with torch.inference_mode():
+                cache = cache_from(loaded.model.config, [])
+                prefill(loaded.model, ids, cache)
+            self.prefix_cache.seed(ids, [(layer.keys.to("cpu", copy=True), layer.values.to("cpu", copy=True))
+                                         for layer in cache.layers])
+        except Exception:  # out of memory, say: the first question runs the template itself, as before
+            log.warning("could not run the chat template's start into the prefix cache", exc_info=True)
 
     def _mixed_rows(self, loaded: LoadedModel) -> int:
         """Automatically (mixed_steps None) on the CPU, where a chunk and a step each cost about a read of the

@@ -73,6 +73,13 @@ class PrefixCache:
         if entry.nbytes <= self.max_bytes:
             self._insert(entry)
 
+    def seed(self, ids: list[int], tensors: Tensors) -> None:
+        """Keep what every conversation starts with, in memory only (the disk tier holds conversations); the first
+        conversation stored drops it again, as an entry it extends."""
+        entry = Entry(list(ids), tensors)
+        if ids and entry.nbytes <= self.max_bytes:
+            self._insert(entry)
+
     def _insert(self, entry: Entry) -> None:
         ids = entry.ids
         with self._lock:

@@ -30,6 +30,10 @@ def load_tokenizer(model_dir: str | Path, fallback_family: str = "chatglm2") -> 
                          "and start)") from exc
 
 
+# Questions unlike each other in their first character, to find where the chat template ends (conversation_start)
+CONVERSATION_PROBES = ("你好", "hello", "1", "?", " ", "，")
+
+
 class ChatGLM2Tokenizer:
     """ChatGLM2's tokenizer, or with family "chatglm3" ChatGLM3's (the same pieces, four role tokens more)."""
 
@@ -82,6 +86,15 @@ class ChatGLM2Tokenizer:
 
     def prompt_prefix(self) -> list[int]:
         return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
+
+    def conversation_start(self) -> list[int]:
+        """The ids that every new conversation's prompt (no system text) begins with: the chat template's start,
+        as far as it is the same whatever the question (its first words may merge with the template's last)."""
+        prompts = [self.build_prompt(query, []) for query in CONVERSATION_PROBES]
+        same = 0
+        while all(len(ids) > same and ids[same] == prompts[0][same] for ids in prompts):
+            same += 1
+        return prompts[0][:same]
 
     def prompt_text(self, query: str, history: list[tuple[str, str]], answer_prefix: str = "",
                     system: str = "") -> str:
