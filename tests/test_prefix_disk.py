@@ -24,7 +24,10 @@ def test_an_entry_outlives_the_process_and_is_found_by_its_prefix(tmp_path):
     again = PrefixCache(10**6, disk=disk(tmp_path))  # a restart: the memory tier is empty
     n, found = again.lookup([1, 2, 3, 4, 9, 9], "cpu")
     assert n == 4 and found[0][0][0, 0, :, 0].tolist() == [0, 1, 2, 3]
-    assert len(again) == 1  # now in memory too
+    assert found[1][1][0, 1, :, 3].tolist() == [0, 1, 2, 3]
+    (entry,) = again.entries.values()  # now in memory too: the positions in common, all that was read
+    assert entry.ids == [1, 2, 3, 4] and [k.shape[2] for k, _ in entry.tensors] == [4, 4]
+    assert again.lookup([1, 2, 3, 4, 5, 6], "cpu")[0] == 5  # more of it on disk: read again, further
 
 
 def test_another_model_or_precision_never_reads_them_and_removes_them(tmp_path):

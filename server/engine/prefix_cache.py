@@ -54,10 +54,10 @@ class PrefixCache:
                 tensors = self.entries[best_key].tensors
         if self.disk is not None:  # a longer prefix on disk (a conversation from before a restart)?
             on_disk, entry = self.disk.best(ids, limit)
-            loaded = self.disk.load(entry) if entry is not None and on_disk > best else None
-            if loaded is not None:
+            loaded = self.disk.load(entry, on_disk) if entry is not None and on_disk > best else None
+            if loaded is not None:  # (only the positions in common: the rest of that conversation stays on disk)
                 best, tensors = on_disk, loaded
-                self._insert(Entry(list(entry.ids), loaded))
+                self._insert(Entry(entry.ids[:on_disk], loaded))
         if tensors is None:
             return 0, None
         return best, [(keys[:, :, :best].to(device), values[:, :, :best].to(device)) for keys, values in tensors]

@@ -80,19 +80,23 @@ class DiskPrefixCache:
                         key=lambda pair: pair[0], default=(0, None))
         return found
 
-    def load(self, entry: DiskEntry) -> Tensors | None:
-        from safetensors.torch import load_file
+    def load(self, entry: DiskEntry, positions: int) -> Tensors | None:
+        """The keys and values of the entry's first `positions` positions; only those are read (a new chat shares
+        a long conversation's system prompt, say, not all of it)."""
+        from safetensors import safe_open
 
         try:
-            state = load_file(str(entry.path))
+            with safe_open(str(entry.path), framework="pt") as file:
+                layers = len([name for name in file.keys() if name.startswith("k.")])
+                tensors = [(file.get_slice(f"k.{i}")[:, :, :positions], file.get_slice(f"v.{i}")[:, :, :positions])
+                           for i in range(layers)]
         except Exception:  # deleted or damaged since: a miss, not an error
             with self._lock:
                 self.entries.pop(entry.path.name, None)
             return None
         with self._lock:  # used now: the last to go
             self.entries[entry.path.name] = self.entries.pop(entry.path.name, entry)
-        layers = len([name for name in state if name.startswith("k.")])
-        return [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(layers)]
+        return tensors
 
     def put(self, ids: list[int], tensors: Tensors) -> None:
         """Write this entry in the background (the worker never waits for the disk)."""
