@@ -1,6 +1,8 @@
 """The CPU kernels are chosen by measuring them here (server/model/cpu_kernels.py), and a load can force each."""
 
 import dataclasses
+import json
+import shutil
 import sys
 
 import pytest
@@ -97,8 +99,10 @@ def test_forcing_an_int8_gemm_where_it_is_not_exact_is_refused_clearly(tiny_chec
             load_model(tiny_checkpoint, plan(8, int8_kernel=kernel))
 
 
-def test_health_shows_the_kernels_and_their_figures(tiny_checkpoint, engine_for, serve):
-    loaded = load_model(tiny_checkpoint, plan(8))
+def test_health_shows_the_kernels_and_their_figures(tiny_checkpoint, engine_for, serve, tmp_path):
+    folder = tmp_path / "model"  # (no other test's record of the last start's kernel)
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns(cpu_kernels.KERNEL_RECORD))
+    loaded = load_model(folder, plan(8))
     health = requests.get(serve(engine_for(loaded)).url + "/health", timeout=10).json()
     kernels = health["cpu_kernels"]
     assert kernels["int8"] == cpu_kernels.measure().int8
@@ -116,3 +120,75 @@ def test_prompts_expand_to_the_measured_dtype_and_compute_the_same(tiny_checkpoi
         with torch.no_grad():
             quant, exact = loaded.model(ids).logits[0, -1].float(), tiny_model.model(ids).logits[0, -1]
         assert torch.corrcoef(torch.stack([quant, exact]))[0, 1] > 0.97
+
+
+def measured(decode: dict[str, float], prefill: dict[str, float]) -> KernelChoice:
+    """A measurement with these int8 figures (ms), the kernel picked as measure() picks it."""
+    decode, prefill = ({f"int8-{k}": v for k, v in d.items()} for d in (decode, prefill))
+    return KernelChoice(int8=cpu_kernels.fastest_int8(decode, prefill), dense_from_tokens={8: NEVER, 4: NEVER},
+                        decode_ms=decode, prefill_ms=prefill)
+
+
+# emulated consumer Intel: FBGEMM decodes 9-12 % faster than oneDNN, oneDNN runs prompts 1.6 x faster
+FBGEMM_AHEAD = measured({"torch": 2.6, "fbgemm": 2.00, "onednn": 2.24}, {"torch": 28, "fbgemm": 16, "onednn": 10})
+CLOSE = measured({"torch": 2.6, "fbgemm": 2.00, "onednn": 2.18}, {"torch": 28, "fbgemm": 16, "onednn": 10})
+
+
+def test_two_int8_kernels_near_each_other_stop_trading_places_between_starts(tmp_path):
+    assert (FBGEMM_AHEAD.int8, CLOSE.int8) == ("fbgemm", "onednn")  # each start picking afresh: they alternate
+    starts = [cpu_kernels.settled_int8(figures, tmp_path) for figures in (FBGEMM_AHEAD, CLOSE, FBGEMM_AHEAD, CLOSE)]
+    # the second start's pick is better at prompts by far: taken; then it stays while the figures allow it
+    assert starts == ["fbgemm", "onednn", "onednn", "onednn"]
+    record = json.loads((tmp_path / cpu_kernels.KERNEL_RECORD).read_text())
+    assert record == {"machine": cpu_kernels.machine(), "int8": "onednn"}
+
+
+@pytest.mark.parametrize("figures, why", [
+    (measured({"torch": 2.6, "fbgemm": 2.0, "onednn": 2.5}, {"torch": 28, "fbgemm": 16, "onednn": 10}),
+     "25 % slower at decode than the fastest: beyond 1.1 x 1.1"),
+    (measured({"torch": 2.6, "fbgemm": 2.0, "onednn": 2.1}, {"torch": 28, "fbgemm": 9, "onednn": 10}),
+     "both close at decode, and prompts now faster on the pick by more than 10 %"),
+    (measured({"torch": 2.6, "fbgemm": 2.0}, {"torch": 28, "fbgemm": 16}), "no longer usable here"),
+])
+def test_the_last_starts_kernel_goes_where_the_figures_no_longer_allow_it(tmp_path, figures, why):
+    cpu_kernels.settled_int8(CLOSE, tmp_path)  # onednn recorded
+    assert cpu_kernels.settled_int8(figures, tmp_path) == figures.int8 != "onednn", why
+
+
+def test_a_record_of_another_machine_or_a_broken_one_is_not_followed(tmp_path):
+    record = tmp_path / cpu_kernels.KERNEL_RECORD
+    record.write_text(json.dumps({"machine": {**cpu_kernels.machine(), "cpu": "another CPU"}, "int8": "onednn"}))
+    assert cpu_kernels.settled_int8(FBGEMM_AHEAD, tmp_path) == "fbgemm"  # (onednn would be allowed on this one)
+    record.write_text("{half a record")
+    assert cpu_kernels.settled_int8(FBGEMM_AHEAD, tmp_path) == "fbgemm"
+    assert json.loads(record.read_text())["int8"] == "fbgemm"  # rewritten whole
+    assert cpu_kernels.settled_int8(FBGEMM_AHEAD, tmp_path / "missing") == "fbgemm"  # unwritable: no record, no error
+
+
+@pytest.mark.skipif(not int8_gemm.usable(), reason="no int8 GEMM is exact on this CPU: torch's kernel is the only one")
+def test_a_load_keeps_the_last_starts_kernel_and_the_disk_cache_with_it(tiny_checkpoint, monkeypatch, tmp_path,
+                                                                        engine_for):
+    """Two loads of one folder whose measurements pick different kernels, as in two starts on a noisy machine: the
+    second keeps the first's kernel (its prompt threshold is its own) and finds the first's disk prompt cache."""
+    from server.engine.budget import GenerationRequest
+
+    gemm = int8_gemm.usable()[0]
+    first = measured({"torch": 2.0, gemm: 2.1}, {"torch": 9, gemm: 10})  # within 10 %, fewer ms at prompts: torch
+    second = measured({"torch": 2.1, gemm: 2.0}, {"torch": 9.5, gemm: 9})  # the GEMM now, by a little
+    first = dataclasses.replace(first, dense_from_tokens={8: 5, 4: NEVER}, prefill_ms={
+        **first.prefill_ms, "bfloat16": 20.0, "expand-int8": 20.0})
+    second = dataclasses.replace(second, prefill_ms={**second.prefill_ms, "bfloat16": 20.0, "expand-int8": 20.0})
+    assert (first.int8, second.int8) == ("torch", gemm)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns(cpu_kernels.KERNEL_RECORD, "prompt-cache"))
+    monkeypatch.setattr(cpu_kernels, "measure", lambda: first)
+    engine = engine_for(load_model(folder, plan(8)), prompt_cache_disk_mb=64)
+    engine.submit(GenerationRequest(query="你好 hello", max_new_tokens=4, temperature=0)).wait(60)
+    engine.prefix_cache.disk.flush()
+    engine.close()
+    monkeypatch.setattr(cpu_kernels, "measure", lambda: second)
+    again = load_model(folder, plan(8))
+    assert again.cpu_kernels["int8"] == "torch" and again.cpu_kernels["dense_from_tokens"][8] == dense_threshold(
+        9.5, 20.0, 20.0) < NEVER
+    assert all(m.packed is None for m in again.model.modules() if isinstance(m, cpu_quant.Int8Linear))  # torch's
+    assert engine_for(again, prompt_cache_disk_mb=64).prefix_cache.usage()["disk"]["entries"] == 1

@@ -180,7 +180,8 @@ class Engine(EngineState):
 
         plan = loaded.plan
         stamp = {"model": fingerprint(loaded.path, cache_format(plan)), "device": plan.device, "bits": plan.bits,
-                 "dtype": plan.dtype, "backend": plan.backend, "int8": (loaded.cpu_kernels or {}).get("int8")}
+                 "dtype": plan.dtype, "backend": plan.backend,
+                 "int8": (loaded.cpu_kernels or {}).get("int8") if plan.bits == 8 else None}  # (4-bit: none runs)
         try:
             return DiskPrefixCache(loaded.path, stamp, self.prompt_cache_disk_mb * 1024**2)
         except OSError as exc:  # a read-only model folder: the memory tier alone

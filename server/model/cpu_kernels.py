@@ -23,18 +23,28 @@ prompt only costs time. So each candidate is timed on the real thing, each figur
   more than a matmul row: then every prompt runs on the kernel, with no per-forward expansion.
 
 It takes a few seconds, once per process (`measure()` is cached). The figures are logged and shown in /health.
+
+Where two int8 kernels measure close to each other, a pick made afresh at every start trades places between
+starts (emulated consumer Intel: FBGEMM decodes ~10 % faster, oneDNN runs prompts 1.5 x faster), and with it the
+prompts' speed and the disk prompt cache's fingerprint, which empties that cache. So the model folder keeps the
+last start's int8 kernel (`KERNEL_RECORD`, with what the measurement depends on: the CPU, torch, threads, ISA
+caps), and `settled_int8` keeps it while this start's figures still allow it within KEEP_MARGIN.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +61,9 @@ PREFILL_ROWS = 32  # a kernel's cost grows about linearly with the rows: 32 tell
 DENSE_ROWS = 128  # a dense matmul gets cheaper per row as rows grow: measured where long prompts run
 PREFILL_TRIES = 3
 DECODE_MARGIN = 1.1
+KEEP_MARGIN = 1.1  # the last start's int8 kernel stays while within this much more of the figures it was picked by
+KERNEL_RECORD = "cpu-kernels.json"  # in the model folder
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
 NEVER = sys.maxsize
 
 
@@ -155,9 +168,7 @@ def measure() -> KernelChoice:
     int8_kernel = fastest_int8(decode, prefill)
     dtype = dense_dtype(prefill)
     thresholds = {
-        # the int8 GEMMs multiply prompts at the speed of the int8 units: they never expand
-        8: NEVER if int8_kernel != "torch" or "expand-int8" not in prefill else dense_threshold(
-            prefill["int8-torch"], prefill[dtype], prefill["expand-int8"]),
+        8: int8_dense_from(int8_kernel, prefill, dtype),
         4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill[dtype],
                                                                       prefill["expand-int4"]),
     }
@@ -169,6 +180,14 @@ def measure() -> KernelChoice:
              "the weights (to %s) from %s tokens", choice.seconds, int8_kernel, choice.decode_ms, dtype,
              {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
     return choice
+
+
+def int8_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
+    """From how many prompt rows 8-bit weights on `kernel` expand: the int8 GEMMs multiply prompts at the speed of
+    the int8 units and never do; torch's kernel where the measured expansion pays (NEVER if it was not measured)."""
+    if kernel != "torch" or "expand-int8" not in prefill:
+        return NEVER
+    return dense_threshold(prefill["int8-torch"], prefill[dtype], prefill["expand-int8"])
 
 
 def fastest_int8(decode: dict[str, float], prefill: dict[str, float]) -> str:
@@ -236,3 +255,52 @@ def int4_figures(inputs: Inputs, dense_prefill_ms: float, dtype: str) -> tuple[d
         prefill["expand-int4"] = median_ms(lambda: cpu_quant.dequantize_int4(*weights[-1]).to(DTYPES[dtype]),
                                            PREFILL_TRIES)
     return decode, prefill
+
+
+# -- the last start's int8 kernel ----------------------------------------------------------------------------------
+def machine() -> dict:
+    """What the measurement depends on besides noise: the CPU, torch and its threads, and the ISA caps in effect."""
+    name = platform.processor() or platform.machine()
+    try:  # Linux names the model there (platform.processor() says only "x86_64")
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "caps": {cap: os.environ[cap] for cap in ISA_CAPS if cap in os.environ}}
+
+
+def keeps(choice: KernelChoice, previous: str) -> bool:
+    """Whether this start's figures still allow the last start's int8 kernel: within DECODE_MARGIN x KEEP_MARGIN
+    of the fastest at decode, and within KEEP_MARGIN of this start's pick at prompts."""
+    decode, prefill = choice.decode_ms, choice.prefill_ms
+    key = f"int8-{previous}"
+    if key not in decode or key not in prefill:  # not usable here any more
+        return False
+    fastest = min(ms for name, ms in decode.items() if name.startswith("int8-"))
+    return (decode[key] <= DECODE_MARGIN * KEEP_MARGIN * fastest
+            and prefill[key] <= KEEP_MARGIN * prefill[f"int8-{choice.int8}"])
+
+
+def settled_int8(choice: KernelChoice, folder: Path) -> str:
+    """The int8 kernel for this start: the last one's on this machine (`folder`/KERNEL_RECORD) while this start's
+    figures still allow it (`keeps`), else this start's pick; the one taken is recorded for the next start (a
+    read-only folder keeps nothing: each start picks afresh)."""
+    record = folder / KERNEL_RECORD
+    here = machine()
+    try:
+        last = json.loads(record.read_text(encoding="utf-8"))
+        previous = last["int8"] if last.get("machine") == here else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: pick afresh
+        previous = None
+    kernel = previous if previous is not None and keeps(choice, previous) else choice.int8
+    if kernel != choice.int8:
+        log.info("8-bit stays on %s, the last start's int8 kernel: this start's figures allow it (pick: %s)",
+                 kernel, choice.int8)
+    try:
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"machine": here, "int8": kernel}), encoding="utf-8")
+        os.replace(tmp, record)
+    except OSError as exc:
+        log.debug("the int8 kernel is not kept for the next start: %s", exc)
+    return kernel

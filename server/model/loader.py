@@ -79,7 +79,7 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
     converted = ensure_converted(model_dir, fmt, progress)
     kernels = None
     if fmt.startswith("cpu-int"):
-        kernels = choose_cpu_kernels(plan)
+        kernels = choose_cpu_kernels(plan, model_dir)
         model = load_cpu_quantized(converted, plan, kernels)
     else:
         model = load_pretrained(converted, plan, prequantized=fmt == "cpu-nf4")
@@ -90,19 +90,19 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
     return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, path=model_dir, cpu_kernels=kernels)
 
 
-def choose_cpu_kernels(plan: Plan) -> dict:
-    """The int8 kernel (as asked, or the measured faster one) and from how many prompt rows each precision
-    expands its weights, from cpu_kernels.measure()."""
-    from .cpu_kernels import measure
+def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
+    """The int8 kernel (as asked, or the measured faster one, the last start's while the figures allow it) and
+    from how many prompt rows each precision expands its weights, from cpu_kernels.measure()."""
+    from .cpu_kernels import int8_dense_from, measure, settled_int8
 
     measured = measure()
-    int8 = measured.int8 if plan.int8_kernel == "auto" else plan.int8_kernel
+    int8 = settled_int8(measured, model_dir) if plan.int8_kernel == "auto" else plan.int8_kernel
     if int8 != "torch" and not int8_gemm.activation_bits(int8):
         raise ModelLoadError(f"--cpu-kernels {int8}: its int8 GEMM is not exact on this CPU (its sums "
                              "saturate); use --cpu-kernels auto")
     dense_from = dict(measured.dense_from_tokens)
-    if int8 != measured.int8:  # forced to another kernel: its prompt threshold was not measured
-        dense_from[8] = DENSE_FROM_TOKENS[8] if int8 == "torch" else sys.maxsize
+    if int8 != measured.int8:  # another kernel than the pick: its threshold from the same figures
+        dense_from[8] = int8_dense_from(int8, measured.prefill_ms, measured.dense_dtype)
     shown = {bits: None if rows == sys.maxsize else rows for bits, rows in dense_from.items()}  # None: never
     return {"int8": int8, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
             "measured": measured.as_dict()}
