@@ -190,5 +190,6 @@ def test_a_load_keeps_the_last_starts_kernel_and_the_disk_cache_with_it(tiny_che
     again = load_model(folder, plan(8))
     assert again.cpu_kernels["int8"] == "torch" and again.cpu_kernels["dense_from_tokens"][8] == dense_threshold(
         9.5, 20.0, 20.0) < NEVER
+    assert again.cpu_kernels["measured"]["int8"] == gemm  # this start's pick, as /health shows it
     assert all(m.packed is None for m in again.model.modules() if isinstance(m, cpu_quant.Int8Linear))  # torch's
     assert engine_for(again, prompt_cache_disk_mb=64).prefix_cache.usage()["disk"]["entries"] == 1
