@@ -25,6 +25,30 @@ def test_prompt_ids_match_the_reference(real):
 
 
 @needs_real
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
+def test_every_new_conversation_begins_with_the_templates_start(family):
+    """What the engine runs into the prefix cache at start: the template up to the question, for any question,
+    with an answer prefix too (ChatGLM2 folds a system text into the question: the same start)."""
+    tok = ChatGLM2Tokenizer(REAL_TOKENIZER, family)
+    start = tok.conversation_start()
+    if family == "chatglm2":
+        expected = tok.sp.encode("[Round 1]\n\n问：")
+    else:
+        expected = [tok.special_ids["<|user|>"]] + tok.sp.encode("\n")
+    assert start == tok.prompt_prefix() + expected and len(expected) == {"chatglm2": 10, "chatglm3": 3}[family]
+    prompts = [tok.build_prompt(q, []) for q in ("今天天气怎么样？", "Why?", "123", "  spaces", "问：")]
+    prompts.append(tok.build_prompt("写一首诗", [], answer_prefix="好的，"))
+    if family == "chatglm2":
+        prompts.append(tok.build_prompt("hi", [], system="你是一个助手。"))
+    assert all(ids[:len(start)] == start and len(ids) > len(start) for ids in prompts)
+    # a question's first character may merge with the template's last piece ("：《" is one in ChatGLM2's
+    # vocabulary): the prefix cache then reuses the start up to there
+    title = tok.build_prompt("《三体》", [])
+    shared = {"chatglm2": len(start) - 1, "chatglm3": len(start)}[family]
+    assert title[:shared] == start[:shared] and title[:shared + 1] != start[:shared + 1]
+
+
+@needs_real
 def test_special_ids_follow_the_pieces(real):
     assert real.n_pieces == 64789
     assert real.special_ids == {"[MASK]": 64789, "[gMASK]": 64790, "[sMASK]": 64791, "sop": 64792, "eop": 64793}
