@@ -193,3 +193,13 @@ def test_a_load_keeps_the_last_starts_kernel_and_the_disk_cache_with_it(tiny_che
     assert again.cpu_kernels["measured"]["int8"] == gemm  # this start's pick, as /health shows it
     assert all(m.packed is None for m in again.model.modules() if isinstance(m, cpu_quant.Int8Linear))  # torch's
     assert engine_for(again, prompt_cache_disk_mb=64).prefix_cache.usage()["disk"]["entries"] == 1
+
+
+def test_a_4_bit_or_forced_load_leaves_the_record_alone(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns(cpu_kernels.KERNEL_RECORD, "prompt-cache"))
+    load_model(folder, plan(4))
+    load_model(folder, plan(8, int8_kernel="torch"))
+    assert not (folder / cpu_kernels.KERNEL_RECORD).exists()
+    load_model(folder, plan(8))
+    assert json.loads((folder / cpu_kernels.KERNEL_RECORD).read_text())["int8"] == cpu_kernels.measure().int8

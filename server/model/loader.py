@@ -96,7 +96,9 @@ def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
     from .cpu_kernels import int8_dense_from, measure, settled_int8
 
     measured = measure()
-    int8 = settled_int8(measured, model_dir) if plan.int8_kernel == "auto" else plan.int8_kernel
+    int8 = plan.int8_kernel
+    if int8 == "auto":  # (the last start's is kept for 8-bit only: at 4-bit no int8 kernel runs)
+        int8 = settled_int8(measured, model_dir) if plan.bits == 8 else measured.int8
     if int8 != "torch" and not int8_gemm.activation_bits(int8):
         raise ModelLoadError(f"--cpu-kernels {int8}: its int8 GEMM is not exact on this CPU (its sums "
                              "saturate); use --cpu-kernels auto")
