@@ -132,8 +132,8 @@ class Engine(EngineState):
             with torch.inference_mode():
                 cache = cache_from(loaded.model.config, [])
                 prefill(loaded.model, ids, cache)
-            self.prefix_cache.seed(ids, [(layer.keys.to("cpu", copy=True), layer.values.to("cpu", copy=True))
-                                         for layer in cache.layers])
+            self.prefix_cache.store(ids, [(layer.keys.to("cpu", copy=True), layer.values.to("cpu", copy=True))
+                                          for layer in cache.layers], on_disk=False)
         except Exception:  # out of memory, say: the first question runs the template itself, as before
             log.warning("could not run the chat template's start into the prefix cache", exc_info=True)
 

@@ -62,22 +62,17 @@ class PrefixCache:
             return 0, None
         return best, [(keys[:, :, :best].to(device), values[:, :, :best].to(device)) for keys, values in tensors]
 
-    def store(self, ids: list[int], tensors: Tensors) -> None:
-        """Keep the keys and values of `ids` (host tensors the cache now owns); drop what this entry makes
-        redundant (entries that are prefixes of it) and the least recently used beyond the budget."""
+    def store(self, ids: list[int], tensors: Tensors, on_disk: bool = True) -> None:
+        """Keep the keys and values of `ids` (host tensors the cache now owns), also in the disk tier unless
+        `on_disk` is False (what every conversation starts with: the first conversation stored extends it and
+        takes its place); drop what this entry makes redundant (entries that are prefixes of it) and the least
+        recently used beyond the budget."""
         entry = Entry(list(ids), tensors)
         if not ids:
             return
-        if self.disk is not None:
+        if self.disk is not None and on_disk:
             self.disk.put(entry.ids, tensors)
         if entry.nbytes <= self.max_bytes:
-            self._insert(entry)
-
-    def seed(self, ids: list[int], tensors: Tensors) -> None:
-        """Keep what every conversation starts with, in memory only (the disk tier holds conversations); the first
-        conversation stored drops it again, as an entry it extends."""
-        entry = Entry(list(ids), tensors)
-        if ids and entry.nbytes <= self.max_bytes:
             self._insert(entry)
 
     def _insert(self, entry: Entry) -> None:

@@ -3,8 +3,8 @@
 Each entry is one safetensors file (`ids` and per layer `k.N`, `v.N`) in a folder named after a fingerprint of
 everything its numbers depend on (the model's files, the cache format, the compute dtype, at 8-bit the int8
 kernel, and this format's version): another model or precision never reads them, and folders of other
-fingerprints are removed at start. A file is written after the reply, on a thread of its own, to a temporary name and renamed,
-so a kill leaves either the whole file or a `.tmp` that the next start deletes. Within the byte budget the
+fingerprints are removed at start. A file is written after the reply, on a thread of its own, to a temporary
+name and renamed, so a kill leaves either the whole file or a `.tmp` that the next start deletes. Within the byte budget the
 least recently used files go first; an entry that a newer one extends (the previous turn of the same chat) is
 deleted when the newer one is written.
 """
