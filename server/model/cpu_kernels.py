@@ -190,10 +190,14 @@ def int8_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
     return dense_threshold(prefill["int8-torch"], prefill[dtype], prefill["expand-int8"])
 
 
+def fastest_int8_decode_ms(decode: dict[str, float]) -> float:
+    return min(ms for key, ms in decode.items() if key.startswith("int8-"))
+
+
 def fastest_int8(decode: dict[str, float], prefill: dict[str, float]) -> str:
     """Of the int8 kernels within DECODE_MARGIN of the fastest at decode, the fastest at prompts."""
     kernels = [key.removeprefix("int8-") for key in decode if key.startswith("int8-")]
-    fastest = min(decode[f"int8-{k}"] for k in kernels)
+    fastest = fastest_int8_decode_ms(decode)
     return min((k for k in kernels if decode[f"int8-{k}"] <= DECODE_MARGIN * fastest),
                key=lambda k: prefill[f"int8-{k}"])
 
@@ -277,8 +281,7 @@ def keeps(choice: KernelChoice, previous: str) -> bool:
     key = f"int8-{previous}"
     if key not in decode or key not in prefill:  # not usable here any more
         return False
-    fastest = min(ms for name, ms in decode.items() if name.startswith("int8-"))
-    return (decode[key] <= DECODE_MARGIN * KEEP_MARGIN * fastest
+    return (decode[key] <= DECODE_MARGIN * KEEP_MARGIN * fastest_int8_decode_ms(decode)
             and prefill[key] <= KEEP_MARGIN * prefill[f"int8-{choice.int8}"])
 
 
