@@ -74,6 +74,9 @@ class Settings:
         "start, or bnb with --dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
         choices=("auto", "torch", "fbgemm", "onednn", "bnb"), old_name="cpu_backend",
     )
+    threads: int = option(
+        0, "CPU threads the model computes with; 0 = automatic: one per physical core, on a hybrid CPU (Intel Core "
+           "12th gen and later, Apple M) the performance cores only (an OMP_NUM_THREADS in the environment is kept)")
     backend: str | None = option(
         None, "generate on OpenAI-compatible engines (vLLM, SGLang, llama.cpp's server) instead of a local model: "
               "their base URLs, e.g. http://gpu-host:8000/v1 (comma-separated or repeated; each request goes to "

@@ -51,11 +51,14 @@ def load_for(settings: Settings, report: Report | None = None, notice: Callable[
 
     `notice` receives lines the person should see until they act (console, /health and the page show them)."""
     ensure_model(settings, report)
-    from .model.convert import ConversionError  # the model stack (torch, transformers) is imported from here on
+    # the model stack (torch, transformers) is imported from here on
+    from .model import cpu_threads
+    from .model.convert import ConversionError
     from .model.loader import ModelLoadError, load_model
 
     model_dir = settings.model_dir
     try:
+        threads = cpu_threads.apply(settings.threads)  # (before the kernels are timed: they run on these threads)
         hardware = probe_hardware()
         gpu_notice = None if settings.device == "cpu" else unused_gpu_notice(hardware.cuda)
         if gpu_notice:
@@ -66,8 +69,10 @@ def load_for(settings: Settings, report: Report | None = None, notice: Callable[
         log.info("profile %s on %s, %s: %s", plan.profile, plan.device, plan.precision, plan.reason)
         report = report or (lambda state, **detail: None)
         report("loading", progress=0.0)
-        return load_model(model_dir, plan, progress=lambda done: report("loading", progress=round(done, 4),
-                                                                         stage="converting"))
+        loaded = load_model(model_dir, plan, progress=lambda done: report("loading", progress=round(done, 4),
+                                                                           stage="converting"))
+        loaded.cpu_threads = threads.as_dict() if plan.device == "cpu" else None
+        return loaded
     except (ValueError, ConversionError, ModelLoadError) as exc:
         raise UserError(f"无法加载模型 / Cannot load the model: {exc}") from exc
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import requests
 
 from server.engine import Engine
-from server.model import cpu_kernels
+from server.model import cpu_kernels, cpu_threads
 from server.model.loader import load_model
 from server.model.profiles import Plan
 from tests.fake_hub import FakeHub
@@ -150,3 +151,24 @@ def test_a_chatglm3_model_by_name_from_a_chinese_path(bundle, tmp_path, serve):
         engine.close()
     assert windows["choices"][0]["message"] == linux["choices"][0]["message"]
     assert windows["usage"] == linux["usage"]
+
+
+def physical_cores() -> int:
+    """This machine's physical cores as Linux counts them (hyper-threads share one)."""
+    topology = Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology")
+    return len({((t / "physical_package_id").read_text(), (t / "core_id").read_text()) for t in topology})
+
+
+def test_windows_reports_one_processor_record_per_core_and_the_same_kind_as_linux(bundle):
+    """cpu_threads' Windows call (GetLogicalProcessorInformationEx) in the bundle's Python: one EfficiencyClass
+    per physical core, and hybrid or not as Linux sees this CPU."""
+    root, env = bundle
+    script = ("from server.model import cpu_threads as t; "
+              "print('classes', t.windows_core_classes(), 'performance', t.performance_cores())")
+    out = subprocess.run(["wine", "system\\python\\python.exe", "-c", script], cwd=root, env=env,
+                         capture_output=True, timeout=300).stdout.decode(errors="replace")
+    line = next(line for line in out.splitlines() if line.startswith("classes"))
+    classes = [int(c) for c in re.findall(r"\d+", line.split("performance")[0])]
+    assert len(classes) == physical_cores(), out
+    linux = cpu_threads.linux_performance_cores(cpu_threads.SYS_DEVICES)
+    assert line.endswith(f"performance {linux}"), out

@@ -48,6 +48,7 @@ class LoadedModel:
     plan: Plan
     path: Path
     cpu_kernels: dict | None = None  # with torch's CPU kernels: which ran, and what cpu_kernels.py measured
+    cpu_threads: dict | None = None  # on the CPU: how many threads compute, and why (cpu_threads.py)
 
     @property
     def device(self) -> torch.device:

@@ -68,6 +68,7 @@ def create_app(settings: Settings, engine: GenerationEngine) -> Flask:
             "queued_jobs": engine.queued_ids,
             "max_batch": engine.max_batch if loaded else None,
             "cpu_kernels": getattr(loaded, "cpu_kernels", None),  # which CPU kernels run, and their measured speeds
+            "cpu_threads": getattr(loaded, "cpu_threads", None),  # how many threads compute on the CPU, and why
             "layered_prefill": layered_prefill(engine) if loaded else None,
             "prompt_cache": engine.prefix_cache.usage() if engine.prefix_cache is not None else None,
             "version": __version__,
