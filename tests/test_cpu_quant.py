@@ -39,6 +39,35 @@ def test_the_packed_layout_is_read_from_the_packer_itself():
     assert sorted(order.tolist()) == list(range(block))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_expanding_into_scratch_memory_gives_the_same_weights_and_keeps_the_memory(weight, dtype):
+    packed, scales_zeros = quantize_int4(weight)
+    q, scales = quantize_int8(weight)
+    for expand in (lambda **kw: dequantize_int4(packed, scales_zeros, dtype, **kw),
+                   lambda **kw: cpu_quant.dequantize_int8(q, scales, dtype, **kw)):
+        fresh = expand()
+        first = expand(reuse=True)
+        assert first.dtype == dtype and torch.equal(first, fresh)
+        address = first.data_ptr()
+        assert torch.equal(expand(reuse=True), fresh) and expand(reuse=True).data_ptr() == address
+    # the expansion agrees with the kernel itself (the identity through torch's int4 matmul), to a bfloat16 step of
+    # the largest weight (the kernel rounds (q - 8) * scale before adding the zero)
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    exact = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, cpu_quant.GROUP, scales_zeros).t().float()
+    assert (dequantize_int4(packed, scales_zeros, dtype).float() - exact).abs().max() <= 2**-7 * exact.abs().max()
+
+
+def test_each_thread_expands_into_its_own_scratch_memory(weight):
+    """Two engines' workers expanding at once must not write into one buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed, scales_zeros = quantize_int4(weight)
+    mine = dequantize_int4(packed, scales_zeros, reuse=True).data_ptr()
+    with ThreadPoolExecutor(1) as other:
+        theirs = other.submit(lambda: dequantize_int4(packed, scales_zeros, reuse=True).data_ptr()).result()
+    assert mine != theirs and dequantize_int4(packed, scales_zeros, reuse=True).data_ptr() == mine
+
+
 @pytest.mark.parametrize("tokens", [1, 5, max(cpu_quant.DENSE_FROM_TOKENS.values()) + 3])  # kernels; dense
 def test_layers_compute_what_their_dequantized_weights_say(weight, tokens):
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))

@@ -224,7 +224,8 @@ def int8_and_dense_figures(inputs: Inputs) -> tuple[dict, dict]:
     dtype = dense_dtype(prefill)
     if prefill["int8-torch"] / PREFILL_ROWS > prefill[dtype] / DENSE_ROWS:  # else expanding can never pay off
         q, scale = torch_int8[-1]
-        prefill["expand-int8"] = median_ms(lambda: q.to(DTYPES[dtype]).mul_(scale[:, None]), PREFILL_TRIES)
+        prefill["expand-int8"] = median_ms(lambda: cpu_quant.dequantize_int8(q, scale, DTYPES[dtype], reuse=True),
+                                           PREFILL_TRIES)
     return decode, prefill
 
 
@@ -256,8 +257,8 @@ def int4_figures(inputs: Inputs, dense_prefill_ms: float, dtype: str) -> tuple[d
     prefill = {"int4": inputs.prefill(int4, weights[-1])}
     cheaper = prefill["int4"] / PREFILL_ROWS > dense_prefill_ms / DENSE_ROWS
     if cheaper and cpu_quant.int4_block_rows() is not None:
-        prefill["expand-int4"] = median_ms(lambda: cpu_quant.dequantize_int4(*weights[-1]).to(DTYPES[dtype]),
-                                           PREFILL_TRIES)
+        prefill["expand-int4"] = median_ms(lambda: cpu_quant.dequantize_int4(*weights[-1], DTYPES[dtype],
+                                                                             reuse=True), PREFILL_TRIES)
     return decode, prefill
 
 
