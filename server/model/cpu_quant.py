@@ -11,9 +11,9 @@
 
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
 weights. A prompt of many tokens is compute-bound instead: where the CPU's bfloat16 matmul is faster per row
-than the kernel (AMX, AVX512-BF16), a layer expands its weights to bfloat16 one matrix at a time for prompts of
-`dense_from_tokens` rows or more; cpu_kernels.py measures from how many rows that pays off, and on CPUs without
-fast bfloat16 (plain AVX2) it never does. Figures: docs/performance.md.
+than the kernel (AMX, AVX512-BF16), a layer expands its weights to bfloat16 one matrix at a time, into memory the
+thread keeps (scratch), for prompts of `dense_from_tokens` rows or more; cpu_kernels.py measures from how many
+rows that pays off, and on CPUs without fast bfloat16 (plain AVX2) it never does. Figures: docs/performance.md.
 """
 
 from __future__ import annotations
