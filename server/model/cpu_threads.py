@@ -65,7 +65,7 @@ def apply(asked: int, environ: Mapping[str, str] | None = None) -> ThreadChoice:
 
     choice = choose(asked, torch_default(), performance_cores(), os.environ if environ is None else environ)
     torch.set_num_threads(choice.threads)
-    log.info("CPU threads: %d (%s)", choice.threads, choice.reason)
+    log.info("CPU threads: %d, %s", choice.threads, choice.reason)
     return choice
 
 
