@@ -105,6 +105,16 @@ def test_windows_records_count_the_cores_of_the_highest_efficiency_class():
         cpu_threads.efficiency_classes(struct.pack("<II", 0, 4) + bytes(8))
 
 
+@pytest.mark.parametrize("reported, cores", [
+    ({"hw.nperflevels": 2, "hw.perflevel0.physicalcpu": 4, "hw.perflevel1.physicalcpu": 4}, 4),  # an M2
+    ({"hw.nperflevels": 1, "hw.perflevel0.physicalcpu": 8}, None),  # one kind of core
+    ({}, None),  # an Intel Mac: no perflevels at all
+])
+def test_macos_reads_the_performance_level_sysctls(reported, cores):
+    """(macOS cannot run here: the sysctls are given as an Apple M2 and an Intel Mac report them.)"""
+    assert cpu_threads.mac_performance_cores(reported.get) == cores
+
+
 def test_a_start_computes_on_the_threads_asked_and_health_says_why(tiny_checkpoint, torch_threads, tmp_path,
                                                                   engine_for, serve):
     folder = tmp_path / "chatglm2-6b"

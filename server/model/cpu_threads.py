@@ -16,7 +16,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,16 +154,18 @@ def fastest_class_count(classes: list[int]) -> int | None:
 
 
 # -- macOS --------------------------------------------------------------------------------------------------------
-def mac_performance_cores() -> int | None:
+def mac_performance_cores(sysctl: Callable[[str], int | None] | None = None) -> int | None:
     """Apple's hw.nperflevels (2 on M chips) and hw.perflevel0.physicalcpu (the performance cores)."""
+    sysctl = sysctl or darwin_sysctl
+    levels = sysctl("hw.nperflevels")
+    return sysctl("hw.perflevel0.physicalcpu") if levels and levels > 1 else None
+
+
+def darwin_sysctl(name: str) -> int | None:
+    """An integer sysctl by name (sysctlbyname in libSystem); None where the system has no such name."""
     import ctypes
 
     libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
-
-    def sysctl(name: str) -> int | None:
-        value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
-        found = libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0
-        return value.value if found else None
-
-    levels = sysctl("hw.nperflevels")
-    return sysctl("hw.perflevel0.physicalcpu") if levels and levels > 1 else None
+    value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+    found = libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0
+    return value.value if found else None
