@@ -68,6 +68,32 @@ def test_each_thread_expands_into_its_own_scratch_memory(weight):
     assert mine != theirs and dequantize_int4(packed, scales_zeros, reuse=True).data_ptr() == mine
 
 
+def test_the_engine_gives_its_expansion_memory_back_when_idle(tiny_checkpoint, engine_for, monkeypatch):
+    """A prompt that expands the weights takes scratch memory in the worker; once nothing runs, it goes back."""
+    import time
+
+    from server.engine.budget import GenerationRequest
+
+    loaded = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
+    layers = [m for m in loaded.model.modules() if isinstance(m, cpu_quant.Int4Linear)]
+    for layer in layers:
+        layer.dense_from_tokens = 8  # (the tiny model's prompts expand)
+    held_at_release = []
+    release = cpu_quant.release_scratch
+    monkeypatch.setattr(cpu_quant, "release_scratch",
+                        lambda: (held_at_release.append(cpu_quant.scratch_bytes()), release()))
+    before = cpu_quant.scratch_bytes()
+    engine = engine_for(loaded, prompt_cache_mb=0)
+    done = engine.submit(GenerationRequest(query="hello world 你好 " * 8, max_new_tokens=2, temperature=0)).wait()
+    assert done.prompt_tokens >= 8
+    deadline = time.monotonic() + 10
+    while cpu_quant.scratch_bytes() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cpu_quant.scratch_bytes() == before
+    biggest = max(layer.weight_int4.numel() * 2 for layer in layers)  # weights of the largest matrix
+    assert max(held_at_release) - before >= biggest * 2  # (its bfloat16 expansion was held until then)
+
+
 @pytest.mark.parametrize("tokens", [1, 5, max(cpu_quant.DENSE_FROM_TOKENS.values()) + 3])  # kernels; dense
 def test_layers_compute_what_their_dequantized_weights_say(weight, tokens):
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))

@@ -52,6 +52,14 @@ class Prefilling:
 WORKER_STOPPED = "the engine worker stopped (the server log says why); restart the server"
 
 
+def release_expansion_memory() -> None:
+    """Idle: the memory this worker kept for expanding quantized weights for prompts goes back (the next long
+    prompt maps it again, once instead of for every matrix: model/cpu_quant.py's scratch)."""
+    from ..model.cpu_quant import release_scratch  # (imported here: a front end runs without torch)
+
+    release_scratch()
+
+
 class Engine(EngineState):
     """The local engine (the GenerationEngine contract, engine/contract.py)."""
 
@@ -293,6 +301,8 @@ class Engine(EngineState):
         """Admit what fits, run one chunk of a waiting prompt (or one layer of a long one), then one decode
         step. False once the engine is closed and nothing runs."""
         with self._lock:
+            if not self._pending and not self._busy():
+                release_expansion_memory()
             while not self._pending and not self._busy() and not self._closed:
                 self._lock.wait()
             if self._closed and not self._busy():

@@ -12,7 +12,7 @@
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
 weights. A prompt of many tokens is compute-bound instead: where the CPU's bfloat16 matmul is faster per row
 than the kernel (AMX, AVX512-BF16), a layer expands its weights to bfloat16 one matrix at a time, into memory the
-thread keeps (scratch), for prompts of `dense_from_tokens` rows or more; cpu_kernels.py measures from how many
+thread keeps until it idles (scratch), for prompts of `dense_from_tokens` rows or more; cpu_kernels.py measures from how many
 rows that pays off, and on CPUs without fast bfloat16 (plain AVX2) it never does. Figures: docs/performance.md.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -104,18 +105,39 @@ def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: tor
 
 
 _scratch = threading.local()
+_scratch_bytes = [0]  # alive in all threads (a buffer's finalizer takes its bytes off)
+_scratch_lock = threading.Lock()
 
 
 def scratch(size: int, dtype: torch.dtype) -> torch.Tensor:
     """`size` elements of memory this thread keeps for expanding weights (one buffer per dtype, grown to the
-    largest matrix: ~280 MB at 4-bit for ChatGLM2-6B). A fresh 6B-matrix-sized tensor costs more to map in,
-    page by page, than the expansion itself. Per thread, so two engines' workers never share one."""
+    largest matrix: ~280 MB at 4-bit for ChatGLM2-6B) until release_scratch(). A fresh 6B-matrix-sized tensor
+    costs more to map in, page by page, than the expansion itself. Per thread, so two engines' workers never
+    share one (and a thread's buffers go when it ends)."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
     if dtype not in buffers or buffers[dtype].numel() < size:
         buffers.pop(dtype, None)  # (released before the larger one is made)
         with torch.inference_mode(False):  # (an inference tensor could not be written outside inference mode)
-            buffers[dtype] = torch.empty(size, dtype=dtype)
+            buffer = torch.empty(size, dtype=dtype)
+        count_scratch(buffer.nbytes)
+        weakref.finalize(buffer, count_scratch, -buffer.nbytes)
+        buffers[dtype] = buffer
     return buffers[dtype][:size]
+
+
+def release_scratch() -> None:
+    """Give this thread's scratch memory back (the engine's worker does when it has nothing to do)."""
+    _scratch.__dict__.pop("buffers", None)
+
+
+def scratch_bytes() -> int:
+    """Scratch memory held by all threads."""
+    return _scratch_bytes[0]
+
+
+def count_scratch(change: int) -> None:
+    with _scratch_lock:
+        _scratch_bytes[0] += change
 
 
 def dequantize_int8(weight_int8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
