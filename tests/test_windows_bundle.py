@@ -101,6 +101,9 @@ def test_launcher_in_a_chinese_path_downloads_loads_and_answers_like_linux(bundl
                 assert "测试" in health["model"] and health["device"] == "cpu"
                 assert health["precision"] == (f"{bits}-bit" if bits < 16 else "float32")
                 assert "notices" in health and health["notices"] == []  # no NVIDIA GPU here
+                # threads chosen on Windows as cpu_threads chooses for this CPU (torch's count: its cores)
+                hybrid = cpu_threads.linux_performance_cores(cpu_threads.SYS_DEVICES)
+                assert health["cpu_threads"] == cpu_threads.choose(0, physical_cores(), hybrid, env).as_dict()
                 answer = parse_sse(requests.post(url + "/stream", json=QUESTION, timeout=300).content)
             finally:
                 console = stop(proc, env)
