@@ -12,8 +12,9 @@
 Decoding multiplies one token's activations by each matrix, which the kernels do while reading the compact
 weights. A prompt of many tokens is compute-bound instead: where the CPU's bfloat16 matmul is faster per row
 than the kernel (AMX, AVX512-BF16), a layer expands its weights to bfloat16 one matrix at a time, into memory the
-thread keeps until it idles (scratch), for prompts of `dense_from_tokens` rows or more; cpu_kernels.py measures from how many
-rows that pays off, and on CPUs without fast bfloat16 (plain AVX2) it never does. Figures: docs/performance.md.
+thread keeps until it idles (scratch), for prompts of `dense_from_tokens` rows or more; cpu_kernels.py measures
+from how many rows that pays off, and on CPUs without fast bfloat16 (plain AVX2) it never does. Figures:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -90,10 +91,9 @@ def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: tor
         eye = torch.eye(k, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, GROUP, scales_zeros).t().to(dtype)
     block = len(order)
-    memory = scratch if reuse else lambda size, dtype: torch.empty(size, dtype=dtype)
     bytes_by_k = packed.view(n // block, k, block // 2).transpose(0, 1)  # [K, N / block, block / 2]
-    nibbles = memory(n * k // 2, torch.uint8).view(n // block, k, block // 2).transpose(0, 1)
-    w_t = memory(n * k, dtype).view(k, n // block, 2, block // 2)
+    nibbles = expansion_memory(n * k // 2, torch.uint8, reuse).view(n // block, k, block // 2).transpose(0, 1)
+    w_t = expansion_memory(n * k, dtype, reuse).view(k, n // block, 2, block // 2)
     w_t[:, :, 0].copy_(torch.bitwise_and(bytes_by_k, 15, out=nibbles))  # the low nibbles, then the high ones
     w_t[:, :, 1].copy_(torch.bitwise_right_shift(bytes_by_k, 4, out=nibbles))
     rows = order.view(block // 2, 2).t().reshape(-1)  # the row each column of a block now holds
@@ -125,6 +125,11 @@ def scratch(size: int, dtype: torch.dtype) -> torch.Tensor:
     return buffers[dtype][:size]
 
 
+def expansion_memory(size: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    """`size` elements to expand weights into: this thread's scratch with `reuse`, else a fresh tensor."""
+    return scratch(size, dtype) if reuse else torch.empty(size, dtype=dtype)
+
+
 def release_scratch() -> None:
     """Give this thread's scratch memory back (the engine's worker does when it has nothing to do)."""
     _scratch.__dict__.pop("buffers", None)
@@ -143,7 +148,7 @@ def count_scratch(change: int) -> None:
 def dequantize_int8(weight_int8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                     reuse: bool = False) -> torch.Tensor:
     """W = q * scale per row in `dtype`; with `reuse`, in this thread's scratch memory (see dequantize_int4)."""
-    w = scratch(weight_int8.numel(), dtype) if reuse else torch.empty(weight_int8.numel(), dtype=dtype)
+    w = expansion_memory(weight_int8.numel(), dtype, reuse)
     return w.view(weight_int8.shape).copy_(weight_int8).mul_(scales.to(dtype)[:, None])
 
 

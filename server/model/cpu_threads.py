@@ -59,11 +59,11 @@ def torch_default() -> int:
     return torch.get_num_threads()
 
 
-def apply(asked: int, environ: Mapping[str, str] | None = None) -> ThreadChoice:
+def apply(asked: int) -> ThreadChoice:
     """Choose and set torch's thread count before anything is measured or loaded."""
     import torch
 
-    choice = choose(asked, torch_default(), performance_cores(), os.environ if environ is None else environ)
+    choice = choose(asked, torch_default(), performance_cores(), os.environ)
     torch.set_num_threads(choice.threads)
     log.info("CPU threads: %d, %s", choice.threads, choice.reason)
     return choice
