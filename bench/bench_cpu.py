@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import REAL_TOKENIZER, SIX_B, engine_for  # noqa: E402
 
-CONFIGS = ("dense-16", "torch-4", "torch-8", "torch-8-torch", "torch-8-fbgemm", "torch-8-onednn", "bnb-4", "bnb-8")
+CONFIGS = ("dense-16", "torch-4", "torch-4-torch", "torch-4-vnni", "torch-8", "torch-8-torch", "torch-8-fbgemm",
+           "torch-8-onednn", "bnb-4", "bnb-8")
 QUALITY_TEXT = ("北京是中华人民共和国的首都，历史悠久，文化灿烂。The quick brown fox jumps over the lazy dog. "
                 "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n") * 8
 
@@ -88,14 +89,14 @@ def matmul_gflops() -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read),
-    oneDNN's copies of int8 layers included (one byte per weight)."""
-    from server.model.cpu_quant import Int8Linear
+    """Bytes of weights one decode step reads: everything but the embedding table (one row of it is read), the
+    int8 GEMMs' copies of int8 layers (one byte per weight) and the VNNI kernel's of int4 layers included."""
+    from server.model.cpu_quant import Int4Linear, Int8Linear
 
     total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if "embed_tokens" not in n and "rotary" not in n)
-    packed = sum(m.in_features * m.out_features for m in model.modules()
-                 if isinstance(m, Int8Linear) and m.packed is not None)
+    packed = sum(m.in_features * m.out_features if isinstance(m, Int8Linear) else m.packed.nbytes
+                 for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)) and m.packed is not None)
     return int(total + packed)
 
 
@@ -165,8 +166,10 @@ def worker(folder: Path, config: str, tokens: int, prompt_tokens: int, reference
     from server.model.profiles import Plan
 
     peaks = MemoryPeaks()
-    backend, bits, *int8 = config.removesuffix(":convert").split("-")  # torch-8-fbgemm: an int8 kernel forced
-    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend, int8_kernel=(int8 or ["auto"])[0])
+    backend, bits, *kernel = config.removesuffix(":convert").split("-")  # torch-8-fbgemm: a kernel forced
+    kernel = (kernel or ["auto"])[0]
+    plan = Plan("cpu", int(bits), "bfloat16", 8192, "bench", "bench", backend=backend,
+                int8_kernel=kernel if bits == "8" else "auto", int4_kernel=kernel if bits == "4" else "auto")
     if config.endswith(":convert"):  # the first start's conversion, in a process of its own
         start = time.perf_counter()
         ensure_converted(folder, cache_format(plan))

@@ -69,10 +69,11 @@ class Settings:
     cpu_kernels: str = option(
         "auto",
         "what runs 4/8-bit weights on the CPU, quantized once and cached: torch = torch's own kernels; fbgemm / "
-        "onednn = the same, 8-bit on FBGEMM's / oneDNN's int8 GEMM (refused where it is not exact); bnb = "
-        "bitsandbytes (NF4 / LLM.int8); auto = torch's kernels, 8-bit on the int8 kernel measured fastest at "
-        "start, or bnb with --dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
-        choices=("auto", "torch", "fbgemm", "onednn", "bnb"), old_name="cpu_backend",
+        "onednn = the same, 8-bit on FBGEMM's / oneDNN's int8 GEMM (refused where it is not exact); vnni = the "
+        "same, 4-bit on the VNNI kernel (needs numba and a CPU with VNNI); bnb = bitsandbytes (NF4 / LLM.int8); "
+        "auto = torch's kernels, 8-bit and 4-bit each on the kernel measured fastest at start, or bnb with "
+        "--dtype float32 (see docs/performance.md). Formerly --cpu-backend, still accepted",
+        choices=("auto", "torch", "fbgemm", "onednn", "vnni", "bnb"), old_name="cpu_backend",
     )
     threads: int = option(
         0, "CPU threads the model computes with; 0 = automatic: one per physical core, on a hybrid CPU (Intel Core "

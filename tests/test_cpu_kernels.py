@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from server.model import cpu_kernels, cpu_quant, int8_gemm
+from server.model import cpu_kernels, cpu_quant, int4_vnni, int8_gemm
 from server.model.cpu_kernels import NEVER, KernelChoice, dense_threshold
 from server.model.loader import ModelLoadError, load_model
 from tests.conftest import cpu_plan
@@ -36,7 +36,8 @@ def test_the_measurement_on_this_cpu_is_complete_and_consistent():
     close = [k for k, ms in int8.items() if ms <= cpu_kernels.DECODE_MARGIN * min(int8.values())]
     assert choice.int8 == min(close, key=lambda k: choice.prefill_ms[f"int8-{k}"])
     dense_row = choice.prefill_ms[choice.dense_dtype] / cpu_kernels.DENSE_ROWS
-    for bits, kernel in ((8, "int8-torch"), (4, "int4")):
+    assert ("int4-vnni" in choice.decode_ms) == int4_vnni.available()
+    for bits, kernel in ((8, "int8-torch"), (4, cpu_kernels.INT4_KEYS[choice.int4])):
         cheaper = choice.prefill_ms.get(kernel, 0) / cpu_kernels.PREFILL_ROWS <= dense_row
         if cheaper or (bits == 8 and choice.int8 != "torch"):
             assert choice.dense_from_tokens[bits] == NEVER
@@ -44,7 +45,8 @@ def test_the_measurement_on_this_cpu_is_complete_and_consistent():
     faster = "float32" if choice.prefill_ms["float32"] < choice.prefill_ms["bfloat16"] else "bfloat16"
     assert choice.dense_dtype == faster
     shown = choice.as_dict()
-    assert shown["int8"] == choice.int8 and set(shown["dense_from_tokens"]) == {"8", "4"}
+    assert shown["int8"] == choice.int8 and shown["int4"] == choice.int4
+    assert set(shown["dense_from_tokens"]) == {"8", "4"}
 
 
 def plan(bits: int, **changes):
@@ -85,8 +87,8 @@ def test_where_expanding_never_pays_a_long_prompt_runs_on_the_kernel(tiny_checkp
     ({"torch": 2.0, "onednn": 2.5}, {"torch": 28, "onednn": 9}, "torch"),  # 25 % slower at decode: not chosen
 ])
 def test_the_int8_kernel_is_the_fastest_at_prompts_of_those_close_at_decode(decode, prefill, chosen):
-    assert cpu_kernels.fastest_int8({f"int8-{k}": v for k, v in decode.items()},
-                                    {f"int8-{k}": v for k, v in prefill.items()}) == chosen
+    assert cpu_kernels.fastest({f"int8-{k}": v for k, v in decode.items()},
+                               {f"int8-{k}": v for k, v in prefill.items()}, [f"int8-{k}" for k in decode]) == f"int8-{chosen}"
 
 
 @pytest.mark.parametrize("kernel", int8_gemm.KERNELS)
@@ -125,7 +127,8 @@ def test_prompts_expand_to_the_measured_dtype_and_compute_the_same(tiny_checkpoi
 def measured(decode: dict[str, float], prefill: dict[str, float]) -> KernelChoice:
     """A measurement with these int8 figures (ms), the kernel picked as measure() picks it."""
     decode, prefill = ({f"int8-{k}": v for k, v in d.items()} for d in (decode, prefill))
-    return KernelChoice(int8=cpu_kernels.fastest_int8(decode, prefill), dense_from_tokens={8: NEVER, 4: NEVER},
+    return KernelChoice(int8=cpu_kernels.fastest(decode, prefill, list(decode)).removeprefix("int8-"),
+                        dense_from_tokens={8: NEVER, 4: NEVER},
                         decode_ms=decode, prefill_ms=prefill)
 
 

@@ -90,7 +90,7 @@ def test_the_engine_gives_its_expansion_memory_back_when_idle(tiny_checkpoint, e
     while cpu_quant.scratch_bytes() != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert cpu_quant.scratch_bytes() == before
-    biggest = max(layer.weight_int4.numel() * 2 for layer in layers)  # weights of the largest matrix
+    biggest = max(layer.in_features * layer.out_features for layer in layers)  # weights of the largest matrix
     assert max(held_at_release) - before >= biggest * 2  # (its bfloat16 expansion was held until then)
 
 
@@ -216,8 +216,9 @@ def test_int8_round_trip_is_within_half_a_step(weight):
 
 
 @pytest.fixture(scope="module")
-def int4_model(tiny_checkpoint):
-    return load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
+def int4_model(tiny_checkpoint):  # on torch's int4 kernel (test_int4_vnni.py: the VNNI one)
+    return load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch",
+                                                           int4_kernel="torch"))
 
 
 def test_cpu_backends_by_measurement_and_torch_computes_in_bfloat16():
@@ -246,7 +247,8 @@ def test_the_cache_holds_the_kernels_layout_aligned_and_a_later_load_only_maps_i
     assert type(int4_model.model.lm_head).__name__ == "Int8Linear"
     monkeypatch.setattr(cpu_quant, "quantize_int4", lambda *a: pytest.fail("a later start must not quantize"))
     before = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    again = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch"))
+    again = load_model(tiny_checkpoint, dataclasses.replace(cpu_plan(bits=4, dtype="bfloat16"), backend="torch",
+                                                            int4_kernel="torch"))
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert again.model.model.layers[0].self_attn.q_proj.weight_int4.data_ptr() % 64 == 0
 

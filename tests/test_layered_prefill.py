@@ -115,6 +115,14 @@ def kernels(kernel_rows_ms: float, dense_rows_ms: float, expand_ms: float, int8:
     return {"int8": int8, "dense_dtype": "bfloat16", "measured": {"prefill_ms": prefill}}
 
 
+def test_a_layer_pass_reads_the_figures_of_the_int4_kernel_in_use():
+    on_torch = kernels(26.6, 12.4, 116.3)
+    on_torch["measured"]["prefill_ms"].update({"int4-vnni": 13.3, "expand-int4-vnni": 50.0})
+    on_vnni = dict(on_torch, int4="vnni")
+    assert pass_tokens(on_vnni, 4, 28, 16) == int((28 * 16 * 13.3 / 32 - 50.0) / (12.4 / 128))
+    assert pass_tokens(on_torch, 4, 28, 16) == int((28 * 16 * 26.6 / 32 - 116.3) / (12.4 / 128))
+
+
 def test_a_layer_pass_takes_as_many_tokens_as_keep_it_within_a_chunks_pass():
     """Figures of the kind measured at start: on an AMX Xeon (a row 0.83 ms on the kernel, 0.1 dense) a whole
     piece fits; where the dense rows cost more (AVX512 without AMX) a fraction; a chunk through 2 layers on the

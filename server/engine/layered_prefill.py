@@ -34,9 +34,10 @@ def pass_tokens(kernels: dict | None, bits: int, layers: int, prefill_chunk: int
     0: no such timings (a GPU, no expansion measured)."""
     kernels = kernels or {}
     prefill = (kernels.get("measured") or {}).get("prefill_ms", {})
-    kernel = prefill.get("int4" if bits == 4 else f"int8-{kernels.get('int8')}")
+    int4 = kernels.get("int4", "torch")
+    kernel = prefill.get(cpu_kernels.kernel_key(bits, kernels.get("int8"), int4))
     dense = prefill.get(kernels.get("dense_dtype", ""))
-    expand = prefill.get(f"expand-int{bits}")
+    expand = prefill.get(cpu_kernels.expand_key(bits, int4))
     if kernel is None or dense is None or expand is None:
         return 0
     kernel_row, dense_row = kernel / cpu_kernels.PREFILL_ROWS, dense / cpu_kernels.DENSE_ROWS

@@ -10,10 +10,12 @@ prompt only costs time. So each candidate is timed on the real thing, each figur
 - decode: one token through the matrices of one ChatGLM2-6B layer, all six of their shapes (204 M weights; the
   candidates run in interleaved rounds, so between two runs of one the others pass 0.7 GB or more through the cache,
   more than a server CPU's last level holds: 300 MiB on an Emerald Rapids), on each kernel (int8 on torch's kernel, on
-  FBGEMM's and oneDNN's GEMMs where exact, int4, and the bfloat16 matmul): lets `auto` pick the fastest precision
+  FBGEMM's and oneDNN's GEMMs where exact, int4 on torch's kernel and on the VNNI one (int4_vnni.py) where it
+  runs, and the bfloat16 matmul): lets `auto` pick the fastest precision
   that fits the RAM. (One MLP-sized matrix measured alone ranked int4 ahead of FBGEMM's int8 by 20 %; in the
   model FBGEMM's 8-bit decoded faster: the small K/V matrices and the 13,696-wide one weigh in.);
-- the int8 kernel: among those within DECODE_MARGIN of the fastest at decode, the fastest at PREFILL_ROWS rows
+- the int8 kernel (and the int4 one alike): among those within DECODE_MARGIN of the fastest at decode, the
+  fastest at PREFILL_ROWS rows
   (two int8 kernels often decode within a few % of each other, and a prompt of 20 tokens then costs 3 times
   more on one than the other: the margin keeps noise from deciding);
 - prefill (compute-bound: one matrix, the layer's down projection): PREFILL_ROWS tokens through each kernel,
@@ -49,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cpu_quant, int8_gemm
+from . import cpu_quant, int4_vnni, int8_gemm
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +77,35 @@ class KernelChoice:
     decode_ms: dict[str, float] = field(default_factory=dict)  # one token through one layer, by candidate
     prefill_ms: dict[str, float] = field(default_factory=dict)  # PREFILL_ROWS tokens, and expanding one matrix
     seconds: float = 0.0  # what measuring took
+    int4: str = "torch"  # "torch" or "vnni" (int4_vnni.py): which kernel runs 4-bit weights
 
     def decode_ms_at(self, bits: int) -> float | None:
         """The chosen kernel's time per layer for one token at this precision (16: the bfloat16 matmul)."""
-        key = {8: f"int8-{self.int8}", 4: "int4", 16: "bfloat16"}[bits]
-        return self.decode_ms.get(key)
+        return self.decode_ms.get("bfloat16" if bits == 16 else kernel_key(bits, self.int8, self.int4))
 
     def prompt_ms_at(self, bits: int) -> float | None:
         """The chosen kernel's time for PREFILL_ROWS prompt tokens through PROMPT_MATRIX (4 and 8 bits)."""
-        return self.prefill_ms.get({8: f"int8-{self.int8}", 4: "int4"}.get(bits, ""))
+        return self.prefill_ms.get(kernel_key(bits, self.int8, self.int4)) if bits in (4, 8) else None
 
     def as_dict(self) -> dict:
         """What /health shows."""
-        return {"int8": self.int8, "dense_dtype": self.dense_dtype,
+        return {"int8": self.int8, "int4": self.int4, "dense_dtype": self.dense_dtype,
                 "dense_from_tokens": {str(bits): None if rows == NEVER else rows
                                       for bits, rows in self.dense_from_tokens.items()},
                 "decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "measured_in_s": self.seconds}
+
+
+INT4_KEYS = {"torch": "int4", "vnni": "int4-vnni"}  # the figures' names of each int4 kernel
+
+
+def kernel_key(bits: int, int8: str, int4: str) -> str:
+    """The name of a quantized kernel's figures: int8-<kernel>, int4, int4-vnni."""
+    return f"int8-{int8}" if bits == 8 else INT4_KEYS[int4]
+
+
+def expand_key(bits: int, int4: str) -> str:
+    """The name of the figure for expanding one matrix of those weights (the int8 kernels share one layout)."""
+    return "expand-int8" if bits == 8 else f"expand-{INT4_KEYS[int4]}"
 
 
 def median_ms(run: Callable[[], object], tries: int) -> float:
@@ -165,20 +180,18 @@ def measure() -> KernelChoice:
             prefill.update(int4_prefill)
         decode = decode_ms(runs)  # (every candidate's weights held at once: ~1.1 GB for a few seconds)
         del runs
-    int8_kernel = fastest_int8(decode, prefill)
+    int8_kernel = fastest(decode, prefill, [key for key in decode if key.startswith("int8-")]).removeprefix("int8-")
+    int4_key = fastest(decode, prefill, INT4_KEYS.values()) or INT4_KEYS["torch"]
+    int4_kernel = next(kernel for kernel, key in INT4_KEYS.items() if key == int4_key)
     dtype = dense_dtype(prefill)
-    thresholds = {
-        8: int8_dense_from(int8_kernel, prefill, dtype),
-        4: NEVER if "expand-int4" not in prefill else dense_threshold(prefill["int4"], prefill[dtype],
-                                                                      prefill["expand-int4"]),
-    }
-    choice = KernelChoice(int8=int8_kernel, dense_from_tokens=thresholds, dense_dtype=dtype,
+    thresholds = {8: int8_dense_from(int8_kernel, prefill, dtype), 4: int4_dense_from(int4_kernel, prefill, dtype)}
+    choice = KernelChoice(int8=int8_kernel, int4=int4_kernel, dense_from_tokens=thresholds, dense_dtype=dtype,
                           decode_ms={key: round(v, 2) for key, v in decode.items()},
                           prefill_ms={key: round(v, 1) for key, v in prefill.items()},
                           seconds=round(time.perf_counter() - start, 2))
-    log.info("CPU kernels measured in %.1f s: 8-bit on %s; one token through a 6B layer (ms) %s; prompts expand "
-             "the weights (to %s) from %s tokens", choice.seconds, int8_kernel, choice.decode_ms, dtype,
-             {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
+    log.info("CPU kernels measured in %.1f s: 8-bit on %s, 4-bit on %s; one token through a 6B layer (ms) %s; "
+             "prompts expand the weights (to %s) from %s tokens", choice.seconds, int8_kernel, int4_kernel,
+             choice.decode_ms, dtype, {bits: "never" if rows == NEVER else rows for bits, rows in thresholds.items()})
     return choice
 
 
@@ -190,16 +203,26 @@ def int8_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
     return dense_threshold(prefill["int8-torch"], prefill[dtype], prefill["expand-int8"])
 
 
+def int4_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
+    """From how many prompt rows 4-bit weights on `kernel` expand (NEVER where the expansion was not measured)."""
+    key = INT4_KEYS[kernel]
+    if f"expand-{key}" not in prefill:
+        return NEVER
+    return dense_threshold(prefill[key], prefill[dtype], prefill[f"expand-{key}"])
+
+
 def fastest_int8_decode_ms(decode: dict[str, float]) -> float:
     return min(ms for key, ms in decode.items() if key.startswith("int8-"))
 
 
-def fastest_int8(decode: dict[str, float], prefill: dict[str, float]) -> str:
-    """Of the int8 kernels within DECODE_MARGIN of the fastest at decode, the fastest at prompts."""
-    kernels = [key.removeprefix("int8-") for key in decode if key.startswith("int8-")]
-    fastest = fastest_int8_decode_ms(decode)
-    return min((k for k in kernels if decode[f"int8-{k}"] <= DECODE_MARGIN * fastest),
-               key=lambda k: prefill[f"int8-{k}"])
+def fastest(decode: dict[str, float], prefill: dict[str, float], keys) -> str | None:
+    """Of the kernels named `keys` (those measured), those within DECODE_MARGIN of the fastest at decode, the
+    fastest at prompts; None when none was measured."""
+    measured = [key for key in keys if key in decode]
+    if not measured:
+        return None
+    quickest = min(decode[key] for key in measured)
+    return min((key for key in measured if decode[key] <= DECODE_MARGIN * quickest), key=lambda key: prefill[key])
 
 
 def int8_and_dense_figures(inputs: Inputs) -> tuple[dict, dict]:
@@ -244,7 +267,8 @@ def dense_dtype(prefill: dict[str, float]) -> str:
 
 
 def int4_figures(inputs: Inputs, dense_prefill_ms: float, dtype: str) -> tuple[dict, dict]:
-    """torch's int4 kernel: (decode run, prefill ms), with the expansion where the matmul is faster per row."""
+    """torch's int4 kernel, and the VNNI kernel where it runs: (decode runs, prefill ms), with the expansion where
+    the matmul is faster per row."""
     weights = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full(shape, 7, dtype=torch.int32), 1),
                 torch.full((shape[1] // cpu_quant.GROUP, shape[0], 2), 0.01, dtype=torch.bfloat16))
                for shape in LAYER]
@@ -255,10 +279,17 @@ def int4_figures(inputs: Inputs, dense_prefill_ms: float, dtype: str) -> tuple[d
 
     decode = {"int4": inputs.decode(int4, weights)}
     prefill = {"int4": inputs.prefill(int4, weights[-1])}
-    cheaper = prefill["int4"] / PREFILL_ROWS > dense_prefill_ms / DENSE_ROWS
-    if cheaper and cpu_quant.int4_block_rows() is not None:
-        prefill["expand-int4"] = median_ms(lambda: cpu_quant.dequantize_int4(*weights[-1], DTYPES[dtype],
-                                                                             reuse=True), PREFILL_TRIES)
+    expand = {"int4": lambda: cpu_quant.dequantize_int4(*weights[-1], DTYPES[dtype], reuse=True)}
+    if cpu_quant.int4_block_rows() is None:
+        expand = {}
+    if int4_vnni.available():
+        vnni = [int4_vnni.PackedInt4(*w) for w in weights]
+        decode["int4-vnni"] = inputs.decode(lambda x, w: w(x), vnni)
+        prefill["int4-vnni"] = inputs.prefill(lambda x, w: w(x), vnni[-1])
+        expand["int4-vnni"] = lambda: vnni[-1].dense(DTYPES[dtype], reuse=True)
+    for key, run in expand.items():
+        if prefill[key] / PREFILL_ROWS > dense_prefill_ms / DENSE_ROWS:  # else expanding never pays off
+            prefill[f"expand-{key}"] = median_ms(run, PREFILL_TRIES)
     return decode, prefill
 
 

@@ -5,7 +5,8 @@
   (bfloat16 activations) or by FBGEMM's or oneDNN's int8 GEMM on integer activations quantized in two passes
   (int8_gemm.py) where that is exact; cpu_kernels.py times them at load. int4: `aten._weight_int4pack_mm_for_cpu`,
   asymmetric groups of GROUP weights along K with a bfloat16 scale and zero each (w = (q - 8) * scale + zero,
-  ~4.5 bits per weight).
+  ~4.5 bits per weight); where the CPU has VNNI, int4_vnni.py's kernel with int8 activations (repacked at load,
+  where cpu_kernels.py measures it faster).
 - bitsandbytes' NF4 in transformers' own serialized form (nf4_tensors), `--cpu-kernels bnb` at 4-bit: from the
   cache, from_pretrained needs no quantizing at every start.
 
@@ -200,14 +201,32 @@ class Int4Linear(QuantizedLinear):
         self.weight_int4 = nn.Buffer(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.scales_zeros = nn.Buffer(torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
                                                   device=device))
+        self.packed = None  # W in the VNNI kernel's layout (int4_vnni.PackedInt4; see pack)
         if int4_block_rows() is None:  # a packed layout dequantize_int4 cannot read: the kernel does all
             self.dense_from_tokens = sys.maxsize
 
+    def loaded(self) -> bool:
+        """Whether W has loaded in torch's layout (and is not packed yet)."""
+        return self.weight_int4 is not None and not (self.weight_int4.is_meta or self.scales_zeros.is_meta)
+
+    def pack(self, kernel: str) -> None:
+        """Hand W to the 4-bit VNNI kernel (kernel "vnni", int4_vnni.py) in its own layout, made at load, and release
+        torch's copy (cpu_kernels.py decides where that kernel is the faster)."""
+        from .int4_vnni import PackedInt4
+
+        assert kernel == "vnni", kernel
+        self.packed = PackedInt4(self.weight_int4, self.scales_zeros)
+        self.weight_int4 = self.scales_zeros = None
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP, self.scales_zeros)
 
     def dense_weight(self) -> torch.Tensor:
         """W in the dense dtype (bfloat16, or float32 where that is the faster matmul)."""
+        if self.packed is not None:
+            return self.packed.dense(self.dense_dtype, reuse=True)
         return dequantize_int4(self.weight_int4, self.scales_zeros, self.dense_dtype, reuse=True)
 
 
@@ -221,6 +240,10 @@ class Int8Linear(QuantizedLinear):
         self.weight_int8 = nn.Buffer(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.scales = nn.Buffer(torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.packed: PackedInt8 | None = None  # W in an int8 GEMM's own layout (see pack)
+
+    def loaded(self) -> bool:
+        """Whether W has loaded as int8 (and is not packed yet)."""
+        return self.weight_int8 is not None and not (self.weight_int8.is_meta or self.scales.is_meta)
 
     def pack(self, kernel: str) -> None:
         """Hand W to an int8 GEMM with integer activations (int8_gemm.py) in its own layout, which depends on the

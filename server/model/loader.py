@@ -92,9 +92,11 @@ def load_model(model_dir: Path, plan: Plan, progress: Callable[[float], None] | 
 
 
 def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
-    """The int8 kernel (as asked, or the measured faster one, the last start's while the figures allow it) and
-    from how many prompt rows each precision expands its weights, from cpu_kernels.measure()."""
-    from .cpu_kernels import int8_dense_from, measure, settled_int8
+    """The int8 and int4 kernels (as asked, or the measured faster ones, the last start's int8 kernel while the
+    figures allow it) and from how many prompt rows each precision expands its weights, from
+    cpu_kernels.measure()."""
+    from . import int4_vnni
+    from .cpu_kernels import int4_dense_from, int8_dense_from, measure, settled_int8
 
     measured = measure()
     int8 = plan.int8_kernel
@@ -103,11 +105,17 @@ def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
     if int8 != "torch" and not int8_gemm.activation_bits(int8):
         raise ModelLoadError(f"--cpu-kernels {int8}: its int8 GEMM is not exact on this CPU (its sums "
                              "saturate); use --cpu-kernels auto")
+    int4 = measured.int4 if plan.int4_kernel == "auto" else plan.int4_kernel
+    if int4 == "vnni" and not int4_vnni.available():
+        raise ModelLoadError("--cpu-kernels vnni: the 4-bit VNNI kernel does not run here (it needs numba and a "
+                             "CPU with AVX512-VNNI or AVX-VNNI); use --cpu-kernels auto")
     dense_from = dict(measured.dense_from_tokens)
     if int8 != measured.int8:  # another kernel than the pick: its threshold from the same figures
         dense_from[8] = int8_dense_from(int8, measured.prefill_ms, measured.dense_dtype)
+    if int4 != measured.int4:
+        dense_from[4] = int4_dense_from(int4, measured.prefill_ms, measured.dense_dtype)
     shown = {bits: None if rows == sys.maxsize else rows for bits, rows in dense_from.items()}  # None: never
-    return {"int8": int8, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
+    return {"int8": int8, "int4": int4, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
             "measured": measured.as_dict()}
 
 
@@ -161,20 +169,25 @@ def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
         with safe_open(str(shard), framework="pt") as f:
             names |= set(f.keys())
     swap_linears(model, names)
-    # int4 weights are used where they lie in the mapped file; without them every tensor is packed or copied
-    keep_mapped = any(name.endswith(".weight_int4") for name in names)
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    # int4 weights on torch's kernel are used where they lie in the mapped file; without them every tensor is
+    # packed or copied
+    int4 = kernels.get("int4", "torch")
+    keep_mapped = int4 == "torch" and any(name.endswith(".weight_int4") for name in names)
+    # the layers whose weights a kernel takes in its own layout ("torch": read where they lie)
+    to_pack = {kind: kernel for kind, kernel in ((Int8Linear, kernels["int8"]), (Int4Linear, int4))
+               if kernel != "torch"}
     files, unexpected = [], []
     for shard in shards:
         f = safe_open(str(shard), framework="pt")
         state = {name: aligned(f.get_tensor(name)) for name in f.keys()}
         if not keep_mapped:
-            state = {name: t if name.endswith(".weight_int8") else t.clone() for name, t in state.items()}
+            state = {name: t if name.endswith((".weight_int8", ".weight_int4")) else t.clone()
+                     for name, t in state.items()}
         unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         del state
-        if kernels["int8"] != "torch":  # (with torch's kernel the layers read the mapped int8 weights)
-            pack_loaded(layers.values(), kernels["int8"])
-        unpacked = any(layer.weight_int8 is not None and not layer.weight_int8.is_meta for layer in layers.values())
+        for kind, kernel in to_pack.items():
+            pack_loaded([m for m in model.modules() if isinstance(m, kind)], kernel)
+        unpacked = any(m.loaded() for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
         if keep_mapped or unpacked:
             files.append(f)  # tensors still live in the mapped file
     # buffers that are computed, not stored (the rotary frequencies), are still on the meta device: rebuild them
@@ -194,13 +207,13 @@ def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
 
 
 def pack_loaded(layers, kernel: str) -> None:
-    """Pack the int8 layers whose weights have loaded, on as many threads as torch computes with: packing is
-    single-threaded in FBGEMM (~0.3 s for a 56 M-weight matrix) and releases the GIL."""
+    """Pack the layers whose weights have loaded. FBGEMM's packing is single-threaded (~0.3 s for a 56 M-weight
+    matrix) and releases the GIL: as many layers at once as torch computes with; the VNNI kernel's repacking
+    uses those threads itself (~0.06 s for that matrix), one layer at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    ready = [layer for layer in layers if layer.packed is None and not (layer.weight_int8.is_meta
-                                                                        or layer.scales.is_meta)]
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+    ready = [layer for layer in layers if layer.loaded()]
+    with ThreadPoolExecutor(1 if kernel == "vnni" else max(1, torch.get_num_threads())) as pool:
         list(pool.map(lambda layer: layer.pack(kernel), ready))
 
 

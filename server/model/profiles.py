@@ -58,6 +58,7 @@ class Plan:
     reason: str
     backend: str = ""  # dense, torch (torch's CPU int4/int8 kernels) or bnb (bitsandbytes); "" = the default
     int8_kernel: str = "auto"  # with backend torch at 8-bit: torch, fbgemm, onednn, or auto (cpu_kernels measures)
+    int4_kernel: str = "auto"  # with backend torch at 4-bit: torch, vnni, or auto (cpu_kernels measures)
 
     def __post_init__(self):
         if not self.backend:
@@ -128,10 +129,11 @@ def plan_for(settings: Settings, hardware: Hardware) -> Plan:
     dtype = _dtype(settings.dtype, device, hardware)
     max_context = settings.max_context or trained_context(settings.model_dir) or PROFILES[profile].max_context
     asked = settings.cpu_kernels if device == "cpu" and bits < 16 else "auto"
-    backend = {"auto": "", "onednn": "torch", "fbgemm": "torch"}.get(asked, asked)
+    backend = {"auto": "", "onednn": "torch", "fbgemm": "torch", "vnni": "torch"}.get(asked, asked)
     int8_kernel = asked if asked in ("torch", "fbgemm", "onednn") else "auto"
+    int4_kernel = asked if asked in ("torch", "vnni") else "auto"
     return Plan(device=device, bits=bits, dtype=dtype, max_context=max_context, profile=profile, reason=reason,
-                backend=backend, int8_kernel=int8_kernel)
+                backend=backend, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
 
 
 def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
