@@ -41,5 +41,5 @@ usable .venv-bundle || python3 -m venv --clear .venv-bundle
 .venv-bundle/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv-bundle/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt "$bundle_transformers"
 echo "model tests again with $bundle_transformers (the bundle's)"
-.venv-bundle/bin/python -m pytest -q tests/test_convert.py tests/test_engine.py tests/test_batching.py tests/test_layered_prefill.py tests/test_prefix_cache.py tests/test_export.py tests/test_tokenizer.py tests/test_cpu_quant.py \
+.venv-bundle/bin/python -m pytest -q tests/test_convert.py tests/test_engine.py tests/test_batching.py tests/test_layered_prefill.py tests/test_prefix_cache.py tests/test_export.py tests/test_tokenizer.py tests/test_cpu_quant.py tests/test_int4_vnni.py \
     tests/test_http.py tests/test_openai_api.py "$@"
