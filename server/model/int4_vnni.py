@@ -37,6 +37,9 @@ CHUNK = 64  # bytes of weights per 16 rows x 8 k
 # GB/s on an Emerald Rapids, asking for the lines 4 KB ahead reached ~16 (2 cores: 22 -> 30 GB/s, what a plain
 # float32 sum reads there; 2-16 KB ahead measured alike)
 PREFETCH_BYTES = 4096
+# Activation rows multiplied together per pass over a block (a prompt's, a batch's): the sums of 4 rows take 4
+# of AVX512's 32 vector registers; AVX-VNNI's 16 hold two halves per row, so 2 rows
+ROWS_TOGETHER = {"avx512": 4, "avx2": 2}
 # ISA caps that emulate another CPU (as cpu_kernels.ISA_CAPS): oneDNN's name what the CPU may use
 NO_VNNI_CAPS = ("AVX2", "AVX512_CORE")  # ONEDNN_MAX_CPU_ISA values that stand for CPUs without VNNI
 
@@ -97,7 +100,9 @@ def kernels(form: str) -> Kernels:
     import numpy as np
     from numba import njit, prange
 
-    dot_rows = block_dot(16 if form == "avx512" else 8)
+    lanes = 16 if form == "avx512" else 8
+    together = ROWS_TOGETHER[form]
+    dot_rows, dot_row = block_dot(lanes, together), block_dot(lanes, 1)
     expand_rows = block_expand()
 
     @njit(nogil=True)
@@ -119,9 +124,12 @@ def kernels(form: str) -> Kernels:
         scale = np.empty((x.shape[0], x.shape[1] // GROUP), np.float32)
         sums = np.empty_like(scale)
         quantize(x, q, scale, sums)
+        whole = x.shape[0] - x.shape[0] % together
         for block in prange(weights.shape[0]):
-            for m in range(x.shape[0]):
-                dot_rows(weights[block], scales[block], q[m], scale[m], sums[m], out[m], block * ROWS)
+            for m in range(0, whole, together):
+                dot_rows(weights[block], scales[block], q, scale, sums, out, block * ROWS, m)
+            for m in range(whole, x.shape[0]):
+                dot_row(weights[block], scales[block], q, scale, sums, out, block * ROWS, m)
 
     @njit(parallel=True, nogil=True)
     def expand(weights, scales, out):
@@ -146,8 +154,10 @@ def kernels(form: str) -> Kernels:
     return Kernels(quantize, matmul, expand, repack_weights, numba)
 
 
-def block_dot(lanes: int):
-    """A numba intrinsic: out[first:first + 16] = the 16 rows of one block times one row of activations."""
+def block_dot(lanes: int, rows: int):
+    """A numba intrinsic: out[m + r, first:first + 16] for r < `rows` = the 16 weight rows of one block times
+    `rows` rows of activations from m on. Each chunk of weights is loaded and unpacked once for all of them (a
+    prompt's rows, a batch's streams): per row, what remains is two broadcasts and two dot products."""
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
@@ -159,71 +169,87 @@ def block_dot(lanes: int):
     name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
 
     @intrinsic
-    def dot_rows(typingctx, weights, scales, xq, dx, xsum, out, first):
+    def dot_rows(typingctx, weights, scales, xq, dx, xsum, out, first, m):
         # for g in range(K / 32):          one group: 16 rows x 32 k = 256 bytes of weights
-        #     sums = 0                     int32 per row
+        #     sums = 0                     int32 per weight row and activation row
         #     for each 64-byte chunk (8 k), low nibbles then high: sums = vpdpbusd(sums, nibbles, 4 x_q broadcast)
         #     total += scale * (dx * sums - 8 * xsum) + zero * xsum
-        # out[first:first + 16] = total
+        # out[m + r, first:first + 16] = total
         def codegen(context, builder, signature, args):
-            w, s, x, d, xs, o = (context.make_array(t)(context, builder, a).data
-                                 for t, a in zip(signature.args, args[:6]))
-            first = args[6]
+            w, s = (context.make_array(t)(context, builder, a).data for t, a in zip(signature.args, args[:2]))
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[2:6], args[2:6])]
+            x, d, xs, o = (array.data for array in arrays)
+            k = cgutils.unpack_tuple(builder, arrays[0].shape, 2)[1]
+            groups = cgutils.unpack_tuple(builder, arrays[1].shape, 2)[1]  # K / GROUP
+            width = cgutils.unpack_tuple(builder, arrays[3].shape, 2)[1]  # N
+            first, m = args[6], args[7]
             index = first.type
 
             def n(value: int):
                 return ir.Constant(index, value)
 
+            x_rows = [builder.mul(builder.add(m, n(r)), k) for r in range(rows)]  # where each row starts
+            g_rows = [builder.mul(builder.add(m, n(r)), groups) for r in range(rows)]
             dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ints_t, [ints_t] * 3), name)
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
-            groups = array_length(context, builder, signature.args[3], args[3])  # K / GROUP
             start, loop, done = builder.block, builder.append_basic_block("group"), builder.append_basic_block("end")
             builder.branch(loop)
             builder.position_at_end(loop)
             g = builder.phi(index)
             g.add_incoming(n(0), start)
-            totals = [builder.phi(floats_t) for _ in range(parts)]
-            for total in totals:
+            totals = [[builder.phi(floats_t) for _ in range(parts)] for _ in range(rows)]
+            for total in (t for row in totals for t in row):
                 total.add_incoming(ir.Constant(floats_t, [0.0] * lanes), start)
-            sums = [ir.Constant(ints_t, [0] * lanes)] * parts
+            sums = [[ir.Constant(ints_t, [0] * lanes)] * parts for _ in range(rows)]
             low_bits, shift = ir.Constant(bytes_t, [15] * 4 * lanes), ir.Constant(bytes_t, [4] * 4 * lanes)
             group_bytes = builder.mul(g, n(GROUP // 8 * CHUNK))
             for line in range(GROUP // 8 * CHUNK // 64):  # (a prefetch never faults, past the end neither)
                 ahead = builder.gep(w, [builder.add(group_bytes, n(PREFETCH_BYTES + 64 * line))])
                 builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
             for chunk in range(GROUP // 8):
+                nibbles = []
+                for part in range(parts):  # (AVX-VNNI: two vectors of 8 rows)
+                    at = builder.add(group_bytes, n(chunk * CHUNK + part * 4 * lanes))
+                    v = builder.load(builder.bitcast(builder.gep(w, [at]), bytes_t.as_pointer()), align=1)
+                    nibbles.append((builder.bitcast(builder.and_(v, low_bits), ints_t),
+                                    builder.bitcast(builder.lshr(v, shift), ints_t)))
                 for half in (0, 1):  # low nibbles: k 8c..8c+3; high: 8c+4..8c+7
                     xk = builder.add(builder.mul(g, n(GROUP)), n(8 * chunk + 4 * half))
-                    x4 = builder.load(builder.bitcast(builder.gep(x, [xk]), i32.as_pointer()), align=1)
-                    xb = splat(builder, x4, ints_t, lanes)
-                    for part in range(parts):  # (AVX-VNNI: two vectors of 8 rows)
-                        at = builder.add(group_bytes, n(chunk * CHUNK + part * 4 * lanes))
-                        v = builder.load(builder.bitcast(builder.gep(w, [at]), bytes_t.as_pointer()), align=1)
-                        v = builder.and_(v, low_bits) if half == 0 else builder.lshr(v, shift)
-                        sums[part] = builder.call(dpbusd, [sums[part], builder.bitcast(v, ints_t), xb])
-            dx_v = splat(builder, builder.load(builder.gep(d, [g])), floats_t, lanes)
-            xs_v = splat(builder, builder.load(builder.gep(xs, [g])), floats_t, lanes)
-            eight_xs = builder.fmul(xs_v, splat(builder, ir.Constant(f32, 8.0), floats_t, lanes))
+                    for r in range(rows):
+                        x4 = builder.load(builder.bitcast(builder.gep(x, [builder.add(x_rows[r], xk)]),
+                                                          i32.as_pointer()), align=1)
+                        xb = splat(builder, x4, ints_t, lanes)
+                        for part in range(parts):
+                            sums[r][part] = builder.call(dpbusd, [sums[r][part], nibbles[part][half], xb])
             ends = []
-            for part, total in enumerate(totals):
-                t = builder.fsub(builder.fmul(builder.sitofp(sums[part], floats_t), dx_v), eight_xs)
-                at = builder.add(builder.mul(g, n(2 * ROWS)), n(part * lanes))
-                scale = bfloat16s(builder, s, at, lanes)
-                zero = bfloat16s(builder, s, builder.add(at, n(ROWS)), lanes)
-                ends.append(builder.fadd(builder.fadd(total, builder.fmul(scale, t)), builder.fmul(zero, xs_v)))
+            for r in range(rows):
+                at_g = builder.add(g_rows[r], g)
+                dx_v = splat(builder, builder.load(builder.gep(d, [at_g])), floats_t, lanes)
+                xs_v = splat(builder, builder.load(builder.gep(xs, [at_g])), floats_t, lanes)
+                eight_xs = builder.fmul(xs_v, splat(builder, ir.Constant(f32, 8.0), floats_t, lanes))
+                row_ends = []
+                for part, total in enumerate(totals[r]):
+                    t = builder.fsub(builder.fmul(builder.sitofp(sums[r][part], floats_t), dx_v), eight_xs)
+                    at = builder.add(builder.mul(g, n(2 * ROWS)), n(part * lanes))
+                    scale = bfloat16s(builder, s, at, lanes)
+                    zero = bfloat16s(builder, s, builder.add(at, n(ROWS)), lanes)
+                    row_ends.append(builder.fadd(builder.fadd(total, builder.fmul(scale, t)), builder.fmul(zero, xs_v)))
+                ends.append(row_ends)
             g_next = builder.add(g, n(1))
             g.add_incoming(g_next, builder.block)
-            for total, end in zip(totals, ends):
-                total.add_incoming(end, builder.block)
+            for row_totals, row_ends in zip(totals, ends):
+                for total, end in zip(row_totals, row_ends):
+                    total.add_incoming(end, builder.block)
             builder.cbranch(builder.icmp_signed("<", g_next, groups), loop, done)
             builder.position_at_end(done)
-            for part, end in enumerate(ends):
-                at = builder.add(first, n(part * lanes))
-                builder.store(end, builder.bitcast(builder.gep(o, [at]), floats_t.as_pointer()), align=4)
+            for r, row_ends in enumerate(ends):
+                for part, end in enumerate(row_ends):
+                    at = builder.add(builder.mul(builder.add(m, n(r)), width), builder.add(first, n(part * lanes)))
+                    builder.store(end, builder.bitcast(builder.gep(o, [at]), floats_t.as_pointer()), align=4)
             return context.get_dummy_value()
 
-        return types.void(weights, scales, xq, dx, xsum, out, first), codegen
+        return types.void(weights, scales, xq, dx, xsum, out, first, m), codegen
 
     return dot_rows
 
