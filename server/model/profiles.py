@@ -146,8 +146,9 @@ def _auto_profile(device: str, hardware: Hardware) -> tuple[str, str]:
     raise AssertionError("the low profile needs no free memory")
 
 
-# 8-bit for its prompts only while it decodes at least 2/3 as fast as 4-bit (measured: 1.2-1.3x slower on an AMX
-# Xeon and a Zen 4); a CPU whose int8 kernels decode slower than that keeps 4-bit
+# 8-bit for its prompts only while it decodes at least 2/3 as fast as 4-bit (against torch's int4 kernel: 1.2-1.3x
+# slower on an AMX Xeon and a Zen 4); a CPU whose int8 kernels decode slower than that keeps 4-bit (against the
+# VNNI kernel: 1.7x slower on every CPU with VNNI measured, docs/performance.md)
 INT8_DECODE_AT_MOST = 1.5
 
 
@@ -155,7 +156,8 @@ def _auto_cpu_profile(hardware: Hardware) -> tuple[str, str]:
     """The fastest precision at decoding that fits the RAM, by the kernels' measured speed on this CPU
     (cpu_kernels.py); within 10 % of the fastest, more bits win (closer to the model as trained). 4-bit, which
     costs the most quality, only where it is also faster than 8-bit at prompts (or 8-bit decodes > 1.5x slower):
-    on an AMX Xeon and a Zen 4 it decodes ~20 % faster but answers a short prompt 2-5x later. With 8-bit
+    on torch's int4 kernel it decoded ~20 % faster on an AMX Xeon and a Zen 4 but answered a short prompt 2-5x
+    later; on the VNNI kernel (int4_vnni.py) it decodes ~1.7x faster wherever that runs. With 8-bit
     holding 7 GB, a "16 GB" PC (15.7 GiB) qualifies; Windows PCs with less RAM still get 8-bit, which was faster
     than torch's Windows int4 kernel on every CPU measured. Without a measurement: 8-bit where it fits."""
     ram_gib = hardware.ram_bytes / GIB
