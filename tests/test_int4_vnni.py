@@ -203,3 +203,30 @@ def test_forcing_the_vnni_kernel_where_it_cannot_run_is_refused_clearly(tiny_che
     finally:
         monkeypatch.undo()
         int4_vnni.isa.cache_clear()
+
+
+@vnni_here
+def test_the_disk_prompt_cache_of_one_int4_kernel_is_not_read_by_the_other(tiny_checkpoint, tmp_path, engine_for):
+    """Their sums differ in the last bits (8-bit activations), so a stored prefix's keys and values are the kernel's
+    own: a load on the other kernel keeps its disk cache under another fingerprint (and the earlier entries go),
+    a load on the same kernel finds the earlier folder and its entries."""
+    import shutil
+
+    from server.engine.budget import GenerationRequest
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns(cpu_kernels.KERNEL_RECORD, "prompt-cache"))
+    engine = engine_for(load_model(folder, vnni_plan(int4_kernel="torch")), prompt_cache_disk_mb=64)
+    engine.submit(GenerationRequest(query="你好 hello", max_new_tokens=4, temperature=0)).wait(60)
+    engine.prefix_cache.disk.flush()
+    on_torch = engine.prefix_cache.disk.folder
+    stored = {entry.path.name for entry in engine.prefix_cache.disk.entries.values()}
+    engine.close()
+    assert stored
+    again = engine_for(load_model(folder, vnni_plan(int4_kernel="torch")), prompt_cache_disk_mb=64)
+    assert again.prefix_cache.disk.folder == on_torch
+    assert stored <= {entry.path.name for entry in again.prefix_cache.disk.entries.values()}
+    again.close()
+    on_vnni = engine_for(load_model(folder, vnni_plan(int4_kernel="vnni")), prompt_cache_disk_mb=64)
+    assert on_vnni.prefix_cache.disk.folder != on_torch and not on_torch.exists()
+    assert not stored & {entry.path.name for entry in on_vnni.prefix_cache.disk.entries.values()}

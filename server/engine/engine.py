@@ -187,9 +187,12 @@ class Engine(EngineState):
         from .prefix_disk import DiskPrefixCache
 
         plan = loaded.plan
+        kernels = loaded.cpu_kernels or {}
         stamp = {"model": fingerprint(loaded.path, cache_format(plan)), "device": plan.device, "bits": plan.bits,
                  "dtype": plan.dtype, "backend": plan.backend,
-                 "int8": (loaded.cpu_kernels or {}).get("int8") if plan.bits == 8 else None}  # (4-bit: none runs)
+                 "int8": kernels.get("int8") if plan.bits == 8 else None}  # (4-bit: no int8 kernel runs)
+        if plan.bits == 4 and kernels.get("int4", "torch") != "torch":  # (the stamps of earlier caches kept)
+            stamp["int4"] = kernels["int4"]
         try:
             return DiskPrefixCache(loaded.path, stamp, self.prompt_cache_disk_mb * 1024**2)
         except OSError as exc:  # a read-only model folder: the memory tier alone

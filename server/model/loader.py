@@ -150,7 +150,8 @@ def load_pretrained(converted: Path, plan: Plan, prequantized: bool = False):
 
 def load_cpu_quantized(converted: Path, plan: Plan, kernels: dict):
     """The pre-quantized CPU cache, memory-mapped shard by shard. With an int8 GEMM as the int8 kernel (FBGEMM's or
-    oneDNN's), int8 layers are handed to it (a copy in its layout) as their shard loads; a shard whose tensors
+    oneDNN's), int8 layers are handed to it (a copy in its layout) as their shard loads, and int4 layers to the
+    VNNI kernel alike where it runs them; a shard whose tensors
     all end up copied is closed again (unmapped), so what the process holds is the model once, not the model
     plus the mapped file."""
     from safetensors import safe_open
