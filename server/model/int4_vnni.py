@@ -341,12 +341,6 @@ def bfloat16s(builder, pointer, at, lanes: int):
     return builder.bitcast(wide, ir.VectorType(ir.FloatType(), lanes))
 
 
-def array_length(context, builder, array_type, value):
-    from numba.core import cgutils
-
-    return cgutils.unpack_tuple(builder, context.make_array(array_type)(context, builder, value).shape, 1)[0]
-
-
 # -- weights in this layout ---------------------------------------------------------------------------------------
 def repack(packed: torch.Tensor, scales_zeros: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's int4 layout (cpu_quant.quantize_int4) -> (weights uint8 [N/16, K/8 * 64], scales int16
