@@ -184,7 +184,7 @@ def measure() -> KernelChoice:
     int4_key = fastest(decode, prefill, INT4_KEYS.values()) or INT4_KEYS["torch"]
     int4_kernel = next(kernel for kernel, key in INT4_KEYS.items() if key == int4_key)
     dtype = dense_dtype(prefill)
-    thresholds = {8: int8_dense_from(int8_kernel, prefill, dtype), 4: int4_dense_from(int4_kernel, prefill, dtype)}
+    thresholds = {bits: dense_from(bits, int8_kernel, int4_kernel, prefill, dtype) for bits in (8, 4)}
     choice = KernelChoice(int8=int8_kernel, int4=int4_kernel, dense_from_tokens=thresholds, dense_dtype=dtype,
                           decode_ms={key: round(v, 2) for key, v in decode.items()},
                           prefill_ms={key: round(v, 1) for key, v in prefill.items()},
@@ -195,20 +195,13 @@ def measure() -> KernelChoice:
     return choice
 
 
-def int8_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
-    """From how many prompt rows 8-bit weights on `kernel` expand: the int8 GEMMs multiply prompts at the speed of
-    the int8 units and never do; torch's kernel where the measured expansion pays (NEVER if it was not measured)."""
-    if kernel != "torch" or "expand-int8" not in prefill:
+def dense_from(bits: int, int8: str, int4: str, prefill: dict[str, float], dtype: str) -> int:
+    """From how many prompt rows weights of `bits` on the chosen kernel expand: where the measured expansion pays
+    (NEVER where it was not measured); the int8 GEMMs multiply prompts at the speed of the int8 units and never do."""
+    expand = prefill.get(expand_key(bits, int4))
+    if (bits == 8 and int8 != "torch") or expand is None:
         return NEVER
-    return dense_threshold(prefill["int8-torch"], prefill[dtype], prefill["expand-int8"])
-
-
-def int4_dense_from(kernel: str, prefill: dict[str, float], dtype: str) -> int:
-    """From how many prompt rows 4-bit weights on `kernel` expand (NEVER where the expansion was not measured)."""
-    key = INT4_KEYS[kernel]
-    if f"expand-{key}" not in prefill:
-        return NEVER
-    return dense_threshold(prefill[key], prefill[dtype], prefill[f"expand-{key}"])
+    return dense_threshold(prefill[kernel_key(bits, int8, int4)], prefill[dtype], expand)
 
 
 def fastest_int8_decode_ms(decode: dict[str, float]) -> float:

@@ -193,11 +193,8 @@ def block_dot(lanes: int, rows: int):
             dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ints_t, [ints_t] * 3), name)
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
-            start, loop, done = builder.block, builder.append_basic_block("group"), builder.append_basic_block("end")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            g = builder.phi(index)
-            g.add_incoming(n(0), start)
+            start = builder.block
+            g, end_group = group_loop(builder, groups)
             totals = [[builder.phi(floats_t) for _ in range(parts)] for _ in range(rows)]
             for total in (t for row in totals for t in row):
                 total.add_incoming(ir.Constant(floats_t, [0.0] * lanes), start)
@@ -236,13 +233,10 @@ def block_dot(lanes: int, rows: int):
                     zero = bfloat16s(builder, s, builder.add(at, n(ROWS)), lanes)
                     row_ends.append(builder.fadd(builder.fadd(total, builder.fmul(scale, t)), builder.fmul(zero, xs_v)))
                 ends.append(row_ends)
-            g_next = builder.add(g, n(1))
-            g.add_incoming(g_next, builder.block)
             for row_totals, row_ends in zip(totals, ends):
                 for total, end in zip(row_totals, row_ends):
                     total.add_incoming(end, builder.block)
-            builder.cbranch(builder.icmp_signed("<", g_next, groups), loop, done)
-            builder.position_at_end(done)
+            end_group()
             for r, row_ends in enumerate(ends):
                 for part, end in enumerate(row_ends):
                     at = builder.add(builder.mul(builder.add(m, n(r)), width), builder.add(first, n(part * lanes)))
@@ -282,11 +276,7 @@ def block_expand():
             def lanes(value: int, vector_t=ints_t):
                 return ir.Constant(vector_t, [value] * ROWS)
 
-            start, loop, done = builder.block, builder.append_basic_block("group"), builder.append_basic_block("end")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            g = builder.phi(index)
-            g.add_incoming(n(0), start)
+            g, end_group = group_loop(builder, builder.sdiv(k_total, n(GROUP)))
             at = builder.mul(g, n(2 * ROWS))
             scale = bfloat16s(builder, s, at, ROWS)
             base = builder.fsub(bfloat16s(builder, s, builder.add(at, n(ROWS)), ROWS),  # zero - 8 scale
@@ -309,15 +299,32 @@ def block_expand():
                             bits = builder.add(bits, builder.add(odd, lanes(0x7FFF)))
                             value = builder.trunc(builder.lshr(bits, lanes(16)), ir.VectorType(i16, ROWS))
                         builder.store(value, builder.bitcast(target, value.type.as_pointer()), align=2)
-            g_next = builder.add(g, n(1))
-            g.add_incoming(g_next, builder.block)
-            builder.cbranch(builder.icmp_signed("<", g_next, builder.sdiv(k_total, n(GROUP))), loop, done)
-            builder.position_at_end(done)
+            end_group()
             return context.get_dummy_value()
 
         return types.void(weights, scales, out, first), codegen
 
     return expand_rows
+
+
+def group_loop(builder, count):
+    """Opens `for g in range(count)` (count >= 1) in the IR being built: returns g and the function that closes the
+    loop's body (the builder then continues after the loop)."""
+    from llvmlite import ir
+
+    start, body, done = builder.block, builder.append_basic_block("group"), builder.append_basic_block("end")
+    builder.branch(body)
+    builder.position_at_end(body)
+    g = builder.phi(count.type)
+    g.add_incoming(ir.Constant(count.type, 0), start)
+
+    def end_group():
+        g_next = builder.add(g, ir.Constant(count.type, 1))
+        g.add_incoming(g_next, builder.block)
+        builder.cbranch(builder.icmp_signed("<", g_next, count), body, done)
+        builder.position_at_end(done)
+
+    return g, end_group
 
 
 def splat(builder, value, vector_t, lanes: int):

@@ -96,7 +96,7 @@ def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
     figures allow it) and from how many prompt rows each precision expands its weights, from
     cpu_kernels.measure()."""
     from . import int4_vnni
-    from .cpu_kernels import int4_dense_from, int8_dense_from, measure, settled_int8
+    from .cpu_kernels import dense_from, measure, settled_int8
 
     measured = measure()
     int8 = plan.int8_kernel
@@ -109,12 +109,11 @@ def choose_cpu_kernels(plan: Plan, model_dir: Path) -> dict:
     if int4 == "vnni" and not int4_vnni.available():
         raise ModelLoadError("--cpu-kernels vnni: the 4-bit VNNI kernel does not run here (it needs numba and a "
                              "CPU with AVX512-VNNI or AVX-VNNI); use --cpu-kernels auto")
-    dense_from = dict(measured.dense_from_tokens)
-    if int8 != measured.int8:  # another kernel than the pick: its threshold from the same figures
-        dense_from[8] = int8_dense_from(int8, measured.prefill_ms, measured.dense_dtype)
-    if int4 != measured.int4:
-        dense_from[4] = int4_dense_from(int4, measured.prefill_ms, measured.dense_dtype)
-    shown = {bits: None if rows == sys.maxsize else rows for bits, rows in dense_from.items()}  # None: never
+    rows = dict(measured.dense_from_tokens)
+    for bits, kernel, picked in ((8, int8, measured.int8), (4, int4, measured.int4)):
+        if kernel != picked:  # another kernel than the pick: its threshold from the same figures
+            rows[bits] = dense_from(bits, int8, int4, measured.prefill_ms, measured.dense_dtype)
+    shown = {bits: None if n == sys.maxsize else n for bits, n in rows.items()}  # None: never
     return {"int8": int8, "int4": int4, "dense_dtype": measured.dense_dtype, "dense_from_tokens": shown,
             "measured": measured.as_dict()}
 
